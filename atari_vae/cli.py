@@ -1,0 +1,113 @@
+"""The ``atari-vae`` command: options generated from the config dataclasses, errors as one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
+from atari_vae.errors import AtariVaeError
+
+_CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
+
+
+def _option(f: dataclasses.Field) -> Callable:
+    meta, names = f.metadata, [f"--{f.name}"]
+    if "_" in f.name:
+        names.append(f"--{f.name.replace('_', '-')}")
+    if isinstance(f.default, bool):
+        return click.option(*names, is_flag=True, default=f.default, help=meta["help"])
+    kind = (click.Choice(meta["choices"]) if meta["choices"] and f.name != "device"
+            else _CLICK_TYPES[type(f.default)])
+    return click.option(*names, type=kind, default=f.default, show_default=True,
+                        help=meta["help"])
+
+
+def options_from(config_cls: type) -> Callable:
+    """Decorate a click command with one option per field of ``config_cls``."""
+    def decorate(func: Callable) -> Callable:
+        for f in reversed(fields_of(config_cls)):
+            func = _option(f)(func)
+        return func
+    return decorate
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def friendly_errors(func: Callable) -> Callable:
+    """Turn user-fixable errors into one line on stderr and exit 1, never a traceback."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        signal.signal(signal.SIGTERM, _sigterm)  # a killed job ends KILLED in MLflow
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        if not logging.getLogger().handlers:  # scripts call the command without the group
+            _setup_logging(verbose=False)
+        try:
+            return func(*args, **kwargs)
+        except AtariVaeError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; the MLflow run is marked KILLED. Resume with --resume.",
+                       err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Variational autoencoders for 64x64 Atari frames, tracked in MLflow."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@options_from(TrainConfig)
+@friendly_errors
+def train(**flags: Any) -> None:
+    """Collect random-policy frames and train a VAE (see README for the loss)."""
+    from atari_vae.jobs import train_job
+
+    train_job(TrainConfig(**flags))
+
+
+@main.command()
+@options_from(EvaluateConfig)
+@friendly_errors
+def evaluate(**flags: Any) -> None:
+    """Score a model on fresh episodes against the mean-frame baseline."""
+    from atari_vae.evaluate import evaluate_job
+
+    evaluate_job(EvaluateConfig(**flags))
+
+
+@main.command()
+@options_from(TuneConfig)
+@friendly_errors
+def tune(**flags: Any) -> None:
+    """Optuna study over kl_weight and latent_dim; registers the best model."""
+    from atari_vae.tune import tune_job
+
+    tune_job(TuneConfig(**flags))
+
+
+if __name__ == "__main__":
+    main()

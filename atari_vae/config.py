@@ -1,0 +1,172 @@
+"""One dataclass per job: the single source of defaults for the CLI, the MLproject and the scripts.
+
+Each field carries its help text in ``metadata["help"]``; ``cli.py`` turns fields into click
+options and ``mlproject.py`` turns them into MLproject parameters, so the three cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from atari_vae.errors import ConfigError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+
+
+def flag(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+         cli_only: bool = False) -> Any:
+    """A config field with its help text (and, optionally, allowed values)."""
+    meta = {"help": help, "choices": choices, "cli_only": cli_only}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Which frames to collect: random-policy episodes of one or more ALE games."""
+
+    env_name: str = flag(
+        "Breakout",
+        "Game: short name in any case (Breakout, space_invaders) or id (ALE/Breakout-v5); "
+        "comma-separated for a balanced multi-game mix.")
+    num_episodes: int = flag(100, "Random-policy episodes to collect per game.")
+    max_steps: int = flag(1000, "Longest episode kept, in agent steps (frameskip 4).")
+    seed: int = flag(42, "Seed for collection, the train/val split, init and batch order.")
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    """Train a VAE on 64x64 RGB Atari frames."""
+
+    latent_dim: int = flag(32, "Size of the latent vector z.")
+    batch_size: int = flag(128, "Frames per optimisation step.")
+    epochs: int = flag(100, "Passes over the training frames.")
+    lr: float = flag(1e-3, "Adam learning rate (cosine-decayed to 5% over the run).")
+    val_split: float = flag(0.1, "Share of episodes held out for validation, in (0, 1).")
+    kl_weight: float = flag(
+        1.0,
+        "Weight of the KL term. The reconstruction term is a per-image SUM of squared errors "
+        "over 3x64x64 values (foreground-weighted), the KL a sum over latent dims; both "
+        "averaged over the batch.")
+    fg_weight: float = flag(
+        30.0,
+        "Loss weight of foreground pixels (those differing from the training set's per-pixel "
+        "median background by > 0.1); 1 gives the plain sum-of-squares VAE.")
+    free_bits: float = flag(
+        0.0, "KL free bits: nats per latent dim below which KL is not penalised (0 = off).")
+    device: str = flag("auto", "Compute device; auto picks cuda, then mps, then cpu.",
+                       choices=DEVICE_CHOICES)
+    precision: str = flag(
+        "auto", "Matmul precision; auto uses bf16 autocast where the device runs it fast.",
+        choices=PRECISION_CHOICES)
+    output_dir: str = flag("outputs/vae_training", "Where models, checkpoints and plots go.")
+    checkpoint_freq: int = flag(10, "Save a checkpoint and reconstructions every N epochs.")
+    experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
+    resume: bool = flag(False, "Continue from the newest checkpoint in output_dir.",
+                        cli_only=True)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value and what is allowed."""
+        _validate_common(self)
+        _positive(self, "latent_dim", "batch_size", "epochs", "checkpoint_freq")
+        _positive(self, "lr", "fg_weight")
+        _non_negative(self, "kl_weight", "free_bits")
+        if not 0.0 < self.val_split < 1.0:
+            raise ConfigError(f"--val_split must be in (0, 1), got {self.val_split}")
+        if self.num_episodes < 2:
+            raise ConfigError(
+                f"--num_episodes must be at least 2 (train and validation are split by "
+                f"episode), got {self.num_episodes}")
+        _choice(self, "precision", PRECISION_CHOICES)
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluate a trained VAE on frames from fresh episodes."""
+
+    model_path: str = flag(
+        "outputs/vae_training/best_model.pt",
+        "A state_dict file, a training checkpoint, models:/<name>@<alias>, "
+        "models:/<name>/<version> or runs:/<run_id>/model.")
+    env_name: str = flag("Breakout", "Game(s) to evaluate on; comma-separated for a table.")
+    num_samples: int = flag(1000, "Held-out frames to score per game.")
+    max_steps: int = flag(1000, "Longest episode kept, in agent steps.")
+    seed: int = flag(
+        10_000, "Seed for the fresh episodes; keep it apart from training seeds.")
+    device: str = flag("auto", "Compute device.", choices=DEVICE_CHOICES)
+    output_dir: str = flag("outputs/vae_evaluation", "Where metrics and plots go.")
+    experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value and what is allowed."""
+        _positive(self, "num_samples", "max_steps")
+        _choice(self, "device", DEVICE_CHOICES, prefix=True)
+
+
+@dataclass
+class TuneConfig(TrainConfig):
+    """Search kl_weight and latent_dim with Optuna; register the best model."""
+
+    num_episodes: int = flag(20, "Random-policy episodes to collect per game (once per study).")
+    epochs: int = flag(10, "Training epochs per trial.")
+    checkpoint_freq: int = flag(1000, "Checkpoint every N epochs within a trial.")
+    output_dir: str = flag("outputs/vae_tuning", "Trial outputs go to <output_dir>/trial_<n>.")
+    n_trials: int = flag(20, "Trials this worker runs (0 with --timeout: until the timeout).")
+    timeout: float = flag(0.0, "Stop starting trials after this many seconds (0 = no limit).")
+    study_name: str = flag("atari-vae-study", "Optuna study; workers with the same name join.")
+    storage: str = flag(
+        "", "Optuna storage URL (postgresql://..., sqlite:///...); default sqlite:///optuna.db "
+        "beside mlflow.db.")
+    model_name: str = flag("", "Registered model name; default atari-vae-<game>.")
+    kl_budget: float = flag(
+        25.0, "Rate budget in nats per frame: trials whose held-out KL exceeds it are "
+        "infeasible.")
+    kl_weight_min: float = flag(1e-3, "Lower end of the log-uniform kl_weight range.")
+    kl_weight_max: float = flag(10.0, "Upper end of the log-uniform kl_weight range.")
+    latent_dim_min: int = flag(8, "Smallest latent_dim tried (powers of two).")
+    latent_dim_max: int = flag(128, "Largest latent_dim tried (powers of two).")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value and what is allowed."""
+        super().validate()
+        _non_negative(self, "n_trials", "timeout")
+        if self.n_trials == 0 and self.timeout == 0:
+            raise ConfigError("--n_trials must be at least 1 (or give --timeout), got 0")
+        _positive(self, "kl_budget", "kl_weight_min", "latent_dim_min")
+        if self.kl_weight_min > self.kl_weight_max:
+            raise ConfigError("--kl_weight_min must not exceed --kl_weight_max")
+        if self.latent_dim_min > self.latent_dim_max:
+            raise ConfigError("--latent_dim_min must not exceed --latent_dim_max")
+
+
+def fields_of(config_cls: type) -> list[dataclasses.Field]:
+    """The dataclass fields of a job config, in declaration order."""
+    return list(dataclasses.fields(config_cls))
+
+
+def _validate_common(cfg: Any) -> None:
+    _positive(cfg, "num_episodes", "max_steps")
+    _choice(cfg, "device", DEVICE_CHOICES, prefix=True)
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:
+            raise ConfigError(f"--{name} must be positive, got {value}")
+
+
+def _non_negative(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not value >= 0:
+            raise ConfigError(f"--{name} must be zero or positive, got {value}")
+
+
+def _choice(cfg: Any, name: str, allowed: tuple[str, ...], prefix: bool = False) -> None:
+    value = getattr(cfg, name)
+    base = value.split(":")[0] if prefix else value
+    if base not in allowed:
+        raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")

@@ -1,0 +1,181 @@
+"""Episode collection, the on-disk frame cache, and the train/validation split by episode."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from atari_vae.envs import FRAMESKIP, STICKY_ACTION_PROB, Game, make_vector_env
+from atari_vae.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+# Bump when collection changes what frames a key yields, so stale caches are not reused.
+COLLECTOR_VERSION = 1
+MAX_PARALLEL_ENVS = 16
+
+
+@dataclass
+class FrameSet:
+    """Frames with their provenance; every tensor has the same first dimension N."""
+
+    frames_uint8: torch.Tensor  # (N, 3, 64, 64) uint8
+    episode_ids: torch.Tensor  # (N,) int64, unique across games within one FrameSet
+    steps: torch.Tensor  # (N,) int64, time step within the episode
+    game_ids: torch.Tensor  # (N,) int64, index into ``games``
+    games: tuple[str, ...]  # game titles
+
+    def __len__(self) -> int:
+        return len(self.frames_uint8)
+
+    def subset(self, index: torch.Tensor) -> FrameSet:
+        """Rows selected by a boolean mask or an index tensor."""
+        return FrameSet(self.frames_uint8[index], self.episode_ids[index], self.steps[index],
+                        self.game_ids[index], self.games)
+
+    def for_game(self, title: str) -> FrameSet:
+        """Only the frames of one game."""
+        return self.subset(self.game_ids == self.games.index(title))
+
+    @staticmethod
+    def concat(parts: list[FrameSet]) -> FrameSet:
+        """Join FrameSets of different games, keeping episode ids unique."""
+        games = tuple(title for part in parts for title in part.games)
+        offset, episode_ids, game_ids = 0, [], []
+        for part in parts:
+            episode_ids.append(part.episode_ids + offset)
+            offset += int(part.episode_ids.max()) + 1 if len(part) else 0
+            game_ids.append(part.game_ids + games.index(part.games[0]))
+        return FrameSet(torch.cat([p.frames_uint8 for p in parts]), torch.cat(episode_ids),
+                        torch.cat([p.steps for p in parts]), torch.cat(game_ids), games)
+
+
+def collect_episodes(game: Game, num_episodes: int, max_steps: int, seed: int,
+                     progress: bool = True) -> FrameSet:
+    """Play ``num_episodes`` random-policy episodes and keep every observation as 64x64 RGB."""
+    num_envs = min(num_episodes, MAX_PARALLEL_ENVS)
+    env = make_vector_env(game, num_envs, max_steps)
+    rng = np.random.default_rng(seed)
+    try:
+        obs, _ = env.reset(seed=seed)
+        episodes: list[list[np.ndarray]] = []
+        current: list[list[np.ndarray]] = [[frame] for frame in obs[:, 0]]
+        bar = tqdm(total=num_episodes, desc=f"collect {game.title}", unit="ep",
+                   disable=not progress)
+        while len(episodes) < num_episodes:
+            actions = rng.integers(0, env.single_action_space.n, size=num_envs)
+            obs, _, terminated, truncated, _ = env.step(actions)
+            done = terminated | truncated
+            for i in range(num_envs):
+                if current[i] is None:  # NEXT_STEP autoreset: this obs starts a new episode
+                    current[i] = [obs[i, 0]]
+                    continue
+                if len(current[i]) < max_steps:
+                    current[i].append(obs[i, 0])
+                if done[i]:
+                    episodes.append(current[i])
+                    current[i] = None
+                    bar.update(1)
+        bar.close()
+    finally:
+        env.close()
+    return _to_frameset(episodes[:num_episodes], game)
+
+
+def _to_frameset(episodes: list[list[np.ndarray]], game: Game) -> FrameSet:
+    frames = torch.from_numpy(np.stack([f for ep in episodes for f in ep])).permute(0, 3, 1, 2)
+    episode_ids = torch.cat([torch.full((len(ep),), i) for i, ep in enumerate(episodes)])
+    steps = torch.cat([torch.arange(len(ep)) for ep in episodes])
+    return FrameSet(frames.contiguous(), episode_ids, steps, torch.zeros_like(steps),
+                    (game.title,))
+
+
+def cache_dir() -> Path:
+    """Where collected frames are cached: $ATARI_VAE_CACHE_DIR, else ~/.cache/atari-vae."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "atari-vae"
+    return Path(os.environ.get("ATARI_VAE_CACHE_DIR", default))
+
+
+def cache_key(game: Game, num_episodes: int, max_steps: int, seed: int) -> str:
+    """A digest of everything that determines the collected frames."""
+    import ale_py
+
+    spec = dict(game=game.rom_id, num_episodes=num_episodes, max_steps=max_steps, seed=seed,
+                frameskip=FRAMESKIP, sticky=STICKY_ACTION_PROB, ale=ale_py.__version__,
+                collector=COLLECTOR_VERSION)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{game.rom_id}-{num_episodes}ep-{max_steps}steps-seed{seed}-{digest}"
+
+
+def load_or_collect(game: Game, num_episodes: int, max_steps: int, seed: int,
+                    progress: bool = True) -> FrameSet:
+    """Frames from the cache when present, else collected and cached (atomically)."""
+    path = cache_dir() / f"{cache_key(game, num_episodes, max_steps, seed)}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                log.info("loaded %d cached frames from %s", len(npz["steps"]), path)
+                return FrameSet(torch.from_numpy(npz["frames"]),
+                                torch.from_numpy(npz["episode_ids"]),
+                                torch.from_numpy(npz["steps"]),
+                                torch.zeros(len(npz["steps"]), dtype=torch.int64),
+                                (game.title,))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable cache file %s (%s); collecting again", path, exc)
+    frames = collect_episodes(game, num_episodes, max_steps, seed, progress)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, frames=frames.frames_uint8.numpy(),
+                     episode_ids=frames.episode_ids.numpy(), steps=frames.steps.numpy())
+        log.info("cached %d frames at %s", len(frames), path)
+    except OSError as exc:  # a read-only or full cache must not cost the run
+        log.warning("could not cache frames at %s: %s", path, exc)
+    return frames
+
+
+def load_games(games: list[Game], num_episodes: int, max_steps: int, seed: int,
+               progress: bool = True) -> FrameSet:
+    """Frames of every game, each game collected (or loaded) on its own."""
+    return FrameSet.concat([load_or_collect(g, num_episodes, max_steps, seed, progress)
+                            for g in games])
+
+
+def split_by_episode(frames: FrameSet, val_split: float, seed: int) -> tuple[FrameSet, FrameSet]:
+    """Hold out ``val_split`` of each game's episodes (at least one, never all) for validation."""
+    generator = torch.Generator().manual_seed(seed)
+    val_episodes = []
+    for game_index in range(len(frames.games)):
+        episodes = frames.episode_ids[frames.game_ids == game_index].unique()
+        n_val = min(max(1, round(val_split * len(episodes))), len(episodes) - 1)
+        order = torch.randperm(len(episodes), generator=generator)
+        val_episodes.append(episodes[order[:n_val]])
+    is_val = torch.isin(frames.episode_ids, torch.cat(val_episodes))
+    return frames.subset(~is_val), frames.subset(is_val)
+
+
+def balanced_order(game_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One epoch's frame order: a shuffle in which every game contributes equally many frames.
+
+    With one game this is a plain permutation; with several, smaller games are cycled through
+    repeated permutations up to the largest game's frame count.
+    """
+    counts = torch.bincount(game_ids)
+    if len(counts) == 1:
+        return torch.randperm(len(game_ids), generator=generator)
+    per_game = []
+    for game_index, count in enumerate(counts.tolist()):
+        members = (game_ids == game_index).nonzero().squeeze(1)
+        repeats = -(-int(counts.max()) // count)
+        picks = torch.cat([torch.randperm(count, generator=generator) for _ in range(repeats)])
+        picks = picks[: int(counts.max())]
+        per_game.append(members[picks])
+    order = torch.cat(per_game)
+    return order[torch.randperm(len(order), generator=generator)]

@@ -1,0 +1,68 @@
+"""The train job end to end: collect -> split -> fit -> log to MLflow. CLI, MLproject and scripts call it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from atari_vae import registry, tracking
+from atari_vae.config import TrainConfig
+from atari_vae.data import load_games, split_by_episode
+from atari_vae.envs import parse_games
+from atari_vae.errors import ConfigError
+from atari_vae.files import atomic_write_text
+from atari_vae.runtime import resolve_device
+from atari_vae.train import TrainResult, fit, latest_checkpoint
+
+log = logging.getLogger(__name__)
+RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+def check_output_dir(path: str) -> Path:
+    """Create ``path`` if needed; a ConfigError if it is a file or not writable."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {path} is a file; give a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--output_dir {path} cannot be created: {exc.strerror}") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {path} is not writable")
+    return out
+
+
+def train_job(cfg: TrainConfig) -> TrainResult:
+    """Validate flags, then train one VAE inside an MLflow run (resuming it with --resume)."""
+    cfg.validate()
+    games = parse_games(cfg.env_name)
+    resolve_device(cfg.device)
+    out = check_output_dir(cfg.output_dir)
+    if cfg.resume and latest_checkpoint(out) is None:
+        raise ConfigError(f"--resume: no checkpoint_epoch_*.pt in {out} to resume from")
+    tracking.configure(cfg.experiment_name)
+    run_id_file = out / RUN_ID_FILE
+    run_id = run_id_file.read_text().strip() if cfg.resume and run_id_file.exists() else None
+    if run_id and os.environ.get("MLFLOW_RUN_ID"):
+        run_id = None  # under `mlflow run`, log into the run MLflow created
+    name = f"train-{'+'.join(g.title for g in games)}"
+    with tracking.tracked_run(name, tracking.base_tags("train", [g.title for g in games]),
+                              run_id=run_id) as run:
+        atomic_write_text(run_id_file, run.info.run_id)
+        if not run_id:
+            tracking.log_config(cfg)
+        frames = load_games(games, cfg.num_episodes, cfg.max_steps, cfg.seed)
+        train_set, val_set = split_by_episode(frames, cfg.val_split, cfg.seed)
+        tracking.log_metrics({"n_train_frames": len(train_set), "n_val_frames": len(val_set)})
+        result = fit(cfg, train_set, val_set, tracking.MlflowTrainHooks())
+        tracking.log_metrics({**result.val_metrics, "best_epoch": result.best_epoch},
+                             step=cfg.epochs)
+        tracking.log_files(list(result.files.values()))
+        registry.log_vae_model(result.model, {"game": ",".join(g.title for g in games),
+                                              "kl_weight": cfg.kl_weight,
+                                              "fg_weight": cfg.fg_weight})
+        log.info("run %s: psnr %.2f dB (mean frame %.2f), fg_accuracy %.3f (mean frame %.3f)",
+                 run.info.run_id, result.val_metrics["psnr"], result.val_metrics["baseline_psnr"],
+                 result.val_metrics["fg_accuracy"], result.val_metrics["baseline_fg_accuracy"])
+    return result

@@ -1,0 +1,92 @@
+"""Reconstruction metrics: classic (MSE, PSNR, accuracy), foreground, and the mean-frame baseline.
+
+All images are (N, 3, 64, 64) float in [0, 1]. Definitions:
+- ``psnr`` = 10 * log10(1 / MSE) over every value; ``accuracy`` = share of values within 0.1.
+- foreground pixels differ from the static background (per-pixel median of separate frames)
+  by more than 0.1 in any channel; ``fg_*`` are the same measures over those pixels only.
+- ``baseline_*``: the same measures for a "model" that always outputs the mean frame.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from atari_vae.envs import to_float
+from atari_vae.losses import foreground_mask
+
+ACCURACY_TOLERANCE = 0.1
+METRIC_KEYS = ("mse", "psnr", "accuracy", "fg_mse", "fg_psnr", "fg_accuracy",
+               "psnr_median", "psnr_p05")
+
+
+def psnr_from_mse(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB for signals in [0, 1]."""
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+class ReconstructionMetrics:
+    """Accumulates sums over batches so metrics cover any number of frames exactly."""
+
+    def __init__(self) -> None:
+        self.sq_err = self.values = self.within = 0.0
+        self.fg_sq_err = self.fg_values = self.fg_within = 0.0
+        self.frame_psnrs: list[torch.Tensor] = []
+
+    def update(self, recon: torch.Tensor, target: torch.Tensor, background: torch.Tensor) -> None:
+        """Add one batch of reconstructions and their targets."""
+        sq = (recon.float() - target).pow(2)
+        close = (sq <= ACCURACY_TOLERANCE**2).float()
+        fg = foreground_mask(target, background).expand_as(sq).float()
+        self.sq_err += sq.sum().item()
+        self.values += sq.numel()
+        self.within += close.sum().item()
+        self.fg_sq_err += (sq * fg).sum().item()
+        self.fg_values += fg.sum().item()
+        self.fg_within += (close * fg).sum().item()
+        frame_mse = sq.flatten(1).mean(1).clamp(min=1e-12)
+        self.frame_psnrs.append(10.0 * torch.log10(1.0 / frame_mse))
+
+    def compute(self) -> dict[str, float]:
+        """The metrics in METRIC_KEYS, plus the foreground share of pixels."""
+        mse = self.sq_err / self.values
+        fg_mse = self.fg_sq_err / self.fg_values if self.fg_values else float("nan")
+        psnrs = torch.cat(self.frame_psnrs)
+        return {
+            "mse": mse,
+            "psnr": psnr_from_mse(mse),
+            "accuracy": self.within / self.values,
+            "fg_mse": fg_mse,
+            "fg_psnr": psnr_from_mse(fg_mse) if self.fg_values else float("nan"),
+            "fg_accuracy": self.fg_within / self.fg_values if self.fg_values else float("nan"),
+            "fg_fraction": self.fg_values / self.values,
+            "psnr_median": psnrs.median().item(),
+            "psnr_p05": torch.quantile(psnrs, 0.05).item(),
+        }
+
+
+def reference_frames(frames_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean frame, per-pixel median background), each (1, 3, 64, 64) float in [0, 1]."""
+    sample = frames_uint8[torch.linspace(0, len(frames_uint8) - 1,
+                                         min(len(frames_uint8), 5000)).long()]
+    mean = to_float(frames_uint8).mean(dim=0, keepdim=True)
+    background = to_float(sample.median(dim=0, keepdim=True).values)
+    return mean, background
+
+
+def score(reconstruct: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor],
+          mean_frame: torch.Tensor, background: torch.Tensor) -> dict[str, float]:
+    """Model metrics and ``baseline_*`` metrics of the mean frame, on the same batches.
+
+    ``reconstruct`` maps a float batch to its reconstruction; ``batches`` yields float batches.
+    """
+    model, baseline = ReconstructionMetrics(), ReconstructionMetrics()
+    for x in batches:
+        model.update(reconstruct(x), x, background.to(x.device))
+        baseline.update(mean_frame.to(x.device).expand_as(x), x, background.to(x.device))
+    results = model.compute()
+    results.update({f"baseline_{k}": v for k, v in baseline.compute().items()
+                    if k != "fg_fraction"})
+    return results

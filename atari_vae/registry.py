@@ -1,0 +1,132 @@
+"""VAE models in MLflow: logging without pickle, loading from any model URI, ``load_registered``.
+
+A logged model is an MLflow pyfunc "model from code" (``pyfunc_model.py``, stored as text) with
+an artifact folder ``vae/`` holding ``config.json`` and ``model.safetensors``. Loading reads
+those two files only: no pickle, no cloudpickle, no code from the artifact store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atari_vae.envs import FRAME_SHAPE
+from atari_vae.errors import AtariVaeError
+from atari_vae.files import atomic_path, atomic_write_text
+from atari_vae.model import VAE, latent_dim_of
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+PREPROCESSING = ("atari_vae.preprocess: raw ALE RGB (210,160,3) uint8 -> area resize to 64x64 "
+                 "(ale-py vector env's resize, bit-exact) -> float32 CHW in [0,1]")
+
+
+def save_vae_dir(model: VAE, directory: Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    config = {"format_version": FORMAT_VERSION, "input_shape": list(model.input_shape),
+              "latent_dim": model.latent_dim, "preprocessing": PREPROCESSING,
+              **(metadata or {})}
+    atomic_write_text(directory / "config.json", json.dumps(config, indent=2))
+    return directory
+
+
+def load_vae_dir(directory: str | Path, device: str | torch.device = "cpu") -> VAE:
+    """A VAE in eval mode from a folder written by ``save_vae_dir``."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        state = load_file(str(directory / "model.safetensors"), device=str(device))
+    except (OSError, ValueError) as exc:
+        raise AtariVaeError(f"{directory} is not a saved atari-vae model: {exc}") from exc
+    model = VAE(tuple(config["input_shape"]), config["latent_dim"])
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def log_vae_model(model: VAE, metadata: dict[str, Any] | None = None,
+                  name: str = "model") -> Any:
+    """Log ``model`` to the active run as a pickle-free pyfunc that maps frames to latent means."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vae_dir = save_vae_dir(model, Path(tmp) / "vae", metadata)
+        example = np.zeros((2, *FRAME_SHAPE), dtype=np.float32)
+        signature = infer_signature(example, np.zeros((2, model.latent_dim), dtype=np.float32))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"vae": str(vae_dir)},
+            code_paths=[str(Path(__file__).parent)],
+            signature=signature,
+            pip_requirements=_requirements(),
+        )
+
+
+def _requirements() -> list[str]:
+    import mlflow
+    import numpy
+    import safetensors
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+            f"numpy=={numpy.__version__}", f"safetensors=={safetensors.__version__}"]
+
+
+def load_model(uri: str, device: str | torch.device = "cpu") -> VAE:
+    """A VAE from a state_dict or checkpoint file, or an MLflow ``models:/`` or ``runs:/`` URI."""
+    if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        return load_vae_dir(_download_vae_dir(uri), device)
+    return load_state_file(Path(uri), device)
+
+
+def load_state_file(path: Path, device: str | torch.device = "cpu") -> VAE:
+    """A VAE from ``best_model.pt``-style state_dicts or full training checkpoints."""
+    if not path.is_file():
+        raise AtariVaeError(f"model file {path} does not exist (give a .pt state_dict, a "
+                            f"checkpoint, models:/<name>@<alias> or runs:/<run_id>/model)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state["model"] if isinstance(state, dict) and "model" in state else state
+        model = VAE(FRAME_SHAPE, latent_dim_of(state))
+        model.load_state_dict(state)
+    except Exception as exc:  # truncated, foreign, or not a VAE state_dict
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AtariVaeError(f"{path} is not a readable atari-vae model ({first[:200]})") from exc
+    return model.to(device).eval()
+
+
+def _download_vae_dir(uri: str) -> Path:
+    import mlflow
+
+    from atari_vae import tracking
+
+    tracking.configure()
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri.rstrip("/")))
+    except Exception as exc:
+        raise AtariVaeError(f"cannot load {uri}: {str(exc).splitlines()[0][:300]}") from exc
+    vae_dir = local / "artifacts" / "vae"
+    if not vae_dir.is_dir():
+        raise AtariVaeError(f"{uri} is not an atari-vae model (no artifacts/vae folder)")
+    return vae_dir
+
+
+def load_registered(name: str, alias: str = "champion", version: int | str | None = None,
+                    device: str | torch.device = "cpu") -> VAE:
+    """The registered VAE ``name`` at ``alias`` (or ``version``), in eval mode, without pickle."""
+    uri = f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}"
+    return load_model(uri, device)

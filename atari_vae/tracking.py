@@ -1,0 +1,164 @@
+"""MLflow runs: the tracking URI, run lifecycle (FAILED/KILLED on errors), params, metrics, images.
+
+Registry and model (de)serialisation live in ``registry.py``; every other module is MLflow-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from atari_vae.errors import AtariVaeError
+
+log = logging.getLogger(__name__)
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CONNECT_TIMEOUT_S = 20
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the embedded SQLite store ./mlflow.db."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def configure(experiment_name: str | None = None) -> None:
+    """Point MLflow at the tracking store (failing fast if a server is unreachable)."""
+    import mlflow
+
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    if experiment_name and not os.environ.get("MLFLOW_RUN_ID"):
+        _set_experiment(experiment_name)
+
+
+def _check_server(uri: str) -> None:
+    """One quick request instead of MLflow's minutes of retries on an unreachable server."""
+    import requests
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(CONNECT_TIMEOUT_S))
+    try:
+        requests.get(urllib.parse.urljoin(uri + "/", "health"), timeout=CONNECT_TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise AtariVaeError(
+            f"cannot reach the MLflow tracking server at {uri} ({type(exc).__name__}); "
+            f"start it or unset MLFLOW_TRACKING_URI to use ./mlflow.db") from exc
+
+
+def _set_experiment(name: str, attempts: int = 5) -> None:
+    """Set (creating if needed) the experiment; parallel workers may race to create it."""
+    import mlflow
+
+    for attempt in range(attempts):
+        try:
+            mlflow.set_experiment(name)
+            return
+        except Exception as exc:  # "already exists", "database is locked", migration races
+            if attempt == attempts - 1:
+                raise AtariVaeError(
+                    f"cannot open MLflow experiment {name!r} at {tracking_uri()}: "
+                    f"{str(exc).splitlines()[0]}") from exc
+            time.sleep(0.5 * (attempt + 1))
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from, if it is one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def base_tags(job: str, games: list[str]) -> dict[str, str]:
+    """Tags every run carries: job, game(s), package version, git commit."""
+    from atari_vae import __version__
+
+    tags = {"job": job, "game": ",".join(games), "atari_vae_version": __version__}
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    return tags
+
+
+@contextlib.contextmanager
+def tracked_run(run_name: str | None = None, tags: dict[str, str] | None = None,
+                nested: bool = False, run_id: str | None = None) -> Iterator[Any]:
+    """A run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
+
+    Under ``mlflow run`` (MLFLOW_RUN_ID set) the top-level run is the one MLflow created.
+    """
+    import mlflow
+
+    parent = mlflow.active_run() if nested else None
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
+                           parent_run_id=parent.info.run_id if parent else None, tags=tags)
+    try:
+        yield run
+    except (KeyboardInterrupt, SystemExit):
+        _end(mlflow, "KILLED")
+        raise
+    except BaseException:
+        _end(mlflow, "FAILED")
+        raise
+    else:
+        _end(mlflow, "FINISHED")
+
+
+def _end(mlflow: Any, status: str) -> None:
+    with contextlib.suppress(Exception):
+        mlflow.flush_async_logging()
+    mlflow.end_run(status=status)
+
+
+def log_config(cfg: Any) -> None:
+    """Log every config field as a param, skipping those ``mlflow run`` already logged."""
+    import mlflow
+
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in existing}
+    mlflow.log_params({k: "" if v is None else v for k, v in params.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log metrics without blocking the caller (MLflow's async logging queue)."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+
+
+def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
+    """Copy files into the active run's artifacts (PNGs show as images in the UI)."""
+    import mlflow
+
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+class MlflowTrainHooks:
+    """TrainHooks that log per-epoch metrics and checkpoint images to the active run."""
+
+    def on_epoch_end(self, epoch: int, stats: dict[str, float]) -> None:
+        log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
+
+    def on_checkpoint(self, epoch: int, files: list[Path]) -> None:
+        log_files([f for f in files if f.suffix == ".png"], "reconstructions")
+
+
+def active_run_id() -> str | None:
+    """The id of the active run, if any."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run else None

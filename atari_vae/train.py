@@ -1,0 +1,260 @@
+"""The training loop and its checkpoints. It knows nothing of MLflow: trackers attach as hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from atari_vae import plots
+from atari_vae.config import TrainConfig
+from atari_vae.data import FrameSet, balanced_order
+from atari_vae.envs import FRAME_SHAPE, to_float
+from atari_vae.errors import AtariVaeError, NonFiniteLossError
+from atari_vae.files import atomic_path
+from atari_vae.losses import pixel_weights, vae_loss
+from atari_vae.metrics import reference_frames, score
+from atari_vae.model import VAE
+from atari_vae.runtime import autocast, resolve_device, resolve_precision, seed_everything
+
+log = logging.getLogger(__name__)
+EVAL_BATCH = 512
+N_PREVIEW = 8
+
+
+class TrainHooks(Protocol):
+    """Called by ``fit``; a hook may raise to stop training (e.g. optuna.TrialPruned)."""
+
+    def on_epoch_end(self, epoch: int, stats: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, epoch: int, files: list[Path]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: the best model, its validation metrics and the file paths."""
+
+    model: VAE
+    best_epoch: int
+    best_val_loss: float
+    val_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
+        hooks: TrainHooks | None = None) -> TrainResult:
+    """Train a VAE on ``train_set``, validating on ``val_set`` each epoch; resumable."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    log.info("training on %s (%s), %d train / %d val frames", device, str(dtype).split(".")[-1],
+             len(train_set), len(val_set))
+
+    frames = train_set.frames_uint8.to(device)
+    val_frames = val_set.frames_uint8.to(device)
+    mean_frame, background = (t.to(device) for t in reference_frames(train_set.frames_uint8))
+    model = VAE(FRAME_SHAPE, cfg.latent_dim).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    epoch_frames = len(train_set.games) * int(torch.bincount(train_set.game_ids).max())
+    steps_per_epoch = math.ceil(epoch_frames / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.lr * 0.05)
+    order_rng = torch.Generator().manual_seed(cfg.seed)
+    state = TrainingState(history=[])
+    if cfg.resume:
+        state = load_latest_checkpoint(out, model, optimizer, scheduler, order_rng)
+
+    bar = tqdm(range(state.epoch + 1, cfg.epochs + 1), desc="train", unit="epoch",
+               initial=state.epoch, total=cfg.epochs, disable=None)
+    for epoch in bar:
+        started = time.perf_counter()
+        train_stats = _train_epoch(model, optimizer, scheduler, frames, train_set.game_ids,
+                                   background, cfg, order_rng, dtype)
+        val_stats = _validate(model, val_frames, background, mean_frame, cfg, dtype)
+        stats = {"epoch": epoch, **train_stats, **val_stats,
+                 "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started}
+        state.history.append(stats)
+        _check_finite(stats, epoch)
+        bar.set_postfix(loss=f"{stats['train_loss']:.1f}", val=f"{stats['val_loss']:.1f}",
+                        psnr=f"{stats['val_psnr']:.1f}")
+        if bar.disable:
+            log.info("epoch %d/%d  train %.2f  val %.2f (recon %.2f, kl %.2f)  psnr %.2f dB  %.1fs",
+                     epoch, cfg.epochs, stats["train_loss"], stats["val_loss"],
+                     stats["val_recon"], stats["val_kl"], stats["val_psnr"],
+                     stats["epoch_seconds"])
+        if stats["val_loss"] < state.best_val_loss:
+            state.best_val_loss, state.best_epoch = stats["val_loss"], epoch
+            _save_atomic(model.state_dict(), out / "best_model.pt")
+        state.epoch = epoch
+        if hooks:
+            hooks.on_epoch_end(epoch, stats)
+        if epoch % cfg.checkpoint_freq == 0 or epoch == cfg.epochs:
+            files = _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg,
+                                val_frames)
+            if hooks:
+                hooks.on_checkpoint(epoch, files)
+    bar.close()
+    return _finish(out, model, state, cfg, val_frames, background, mean_frame, device)
+
+
+@dataclass
+class TrainingState:
+    """Loop bookkeeping that a checkpoint must restore."""
+
+    history: list[dict[str, float]]
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+
+
+def _batches(frames_uint8: torch.Tensor, batch_size: int):
+    for start in range(0, len(frames_uint8), batch_size):
+        yield to_float(frames_uint8[start:start + batch_size])
+
+
+def _train_epoch(model, optimizer, scheduler, frames, game_ids, background, cfg, order_rng,
+                 dtype) -> dict[str, float]:
+    model.train()
+    order = balanced_order(game_ids, order_rng).to(frames.device)
+    sums = torch.zeros(3, device=frames.device)  # accumulated on device: no per-step host sync
+    for start in range(0, len(order), cfg.batch_size):
+        x = to_float(frames[order[start:start + cfg.batch_size]])
+        with autocast(frames.device, dtype):
+            x_hat, mu, logvar = model(x)
+        terms = vae_loss(x_hat, x, mu, logvar, pixel_weights(x, background, cfg.fg_weight),
+                         cfg.kl_weight, cfg.free_bits)
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        optimizer.step()
+        scheduler.step()
+        sums += torch.stack([t.detach() for t in terms]) * len(x)
+    total, recon, kl = (sums / len(order)).tolist()
+    return {"train_loss": total, "train_recon": recon, "train_kl": kl}
+
+
+@torch.no_grad()
+def _validate(model, val_frames, background, mean_frame, cfg, dtype) -> dict[str, float]:
+    """Validation loss terms (z = posterior mean) and the classic metrics on held-out episodes."""
+    model.eval()
+    sums = torch.zeros(3, device=val_frames.device)
+
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        nonlocal sums
+        with autocast(x.device, dtype):
+            x_hat, mu, logvar = model(x)
+        terms = vae_loss(x_hat, x, mu, logvar, pixel_weights(x, background, cfg.fg_weight),
+                         cfg.kl_weight, cfg.free_bits)
+        sums += torch.stack(list(terms)) * len(x)
+        return x_hat.float()
+
+    metrics = score(reconstruct, _batches(val_frames, EVAL_BATCH), mean_frame, background)
+    total, recon, kl = (sums / len(val_frames)).tolist()
+    return {"val_loss": total, "val_recon": recon, "val_kl": kl,
+            "val_psnr": metrics["psnr"], "val_accuracy": metrics["accuracy"],
+            "val_fg_accuracy": metrics["fg_accuracy"], "val_fg_psnr": metrics["fg_psnr"],
+            "baseline_psnr": metrics["baseline_psnr"]}
+
+
+def _check_finite(stats: dict[str, float], epoch: int) -> None:
+    bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(stats[k])]
+    if bad:
+        raise NonFiniteLossError(
+            f"{bad[0]} became {stats[bad[0]]} at epoch {epoch}; try a lower --lr or "
+            f"--precision fp32")
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+@torch.no_grad()
+def _preview(model: VAE, val_frames: torch.Tensor, path: Path, title: str) -> Path:
+    model.eval()
+    index = torch.linspace(0, len(val_frames) - 1, N_PREVIEW).long()
+    x = to_float(val_frames[index.to(val_frames.device)])
+    return plots.reconstructions(x, model(x)[0], path, title)
+
+
+def _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg,
+                val_frames) -> list[Path]:
+    """Full training state (tensors and plain types only: loadable with weights_only=True)."""
+    ckpt = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "order_rng": order_rng.get_state(),
+        "best_epoch": state.best_epoch,
+        "best_val_loss": state.best_val_loss,
+        "history": state.history,
+        "config": dataclasses.asdict(cfg),
+    }
+    path = out / f"checkpoint_epoch_{epoch}.pt"
+    _save_atomic(ckpt, path)
+    image = _preview(model, val_frames, out / f"reconstructions_epoch_{epoch}.png",
+                     f"validation frames, epoch {epoch}")
+    return [path, image]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint with the highest epoch number in ``out``, if any."""
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint_epoch_*.pt")
+             if (m := re.fullmatch(r"checkpoint_epoch_(\d+)\.pt", p.name))]
+    return max(found)[1] if found else None
+
+
+def load_latest_checkpoint(out: Path, model, optimizer, scheduler,
+                           order_rng: torch.Generator) -> TrainingState:
+    """Restore model, optimizer, schedule, RNG states and history from the newest checkpoint."""
+    path = latest_checkpoint(out)
+    if path is None:
+        raise AtariVaeError(f"--resume: no checkpoint_epoch_*.pt in {out} to resume from")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except Exception as exc:  # truncated file, foreign file, other latent_dim
+        raise AtariVaeError(f"--resume: cannot restore {path}: {str(exc).splitlines()[0]}") \
+            from exc
+    torch.set_rng_state(ckpt["torch_rng"])
+    if ckpt["cuda_rng"]:
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    order_rng.set_state(ckpt["order_rng"])
+    log.info("resuming from %s (epoch %d)", path, ckpt["epoch"])
+    return TrainingState(history=list(ckpt["history"]), epoch=ckpt["epoch"],
+                         best_epoch=ckpt["best_epoch"], best_val_loss=ckpt["best_val_loss"])
+
+
+def _finish(out, model, state, cfg, val_frames, background, mean_frame, device) -> TrainResult:
+    _save_atomic(model.state_dict(), out / "final_model.pt")
+    files = {
+        "final_model": out / "final_model.pt",
+        "best_model": out / "best_model.pt",
+        "training_curves": plots.training_curves(state.history, out / "training_curves.png"),
+        "final_reconstructions": _preview(model, val_frames, out / "final_reconstructions.png",
+                                          "validation frames, final model"),
+    }
+    best = VAE(FRAME_SHAPE, cfg.latent_dim).to(device)
+    best.load_state_dict(torch.load(out / "best_model.pt", map_location=device,
+                                    weights_only=True))
+    best.eval()
+    with torch.no_grad():
+        val_metrics = score(lambda x: best(x)[0], _batches(val_frames, EVAL_BATCH),
+                            mean_frame, background)
+    return TrainResult(best, state.best_epoch, state.best_val_loss, val_metrics, state.history,
+                       files)
