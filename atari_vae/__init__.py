@@ -13,7 +13,7 @@ __all__ = ["VAE", "load_registered", "preprocess", "__version__"]
 
 def load_registered(name: str, alias: str = "champion", version: int | str | None = None,
                     device: str = "cpu") -> VAE:
-    """The registered VAE ``name`` at ``alias`` (or ``version``), in eval mode, loaded without pickle."""
+    """The registered VAE ``name`` at ``alias`` (or ``version``), in eval mode, without pickle."""
     from atari_vae.registry import load_registered as _load
 
     return _load(name, alias=alias, version=version, device=device)

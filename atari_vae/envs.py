@@ -132,7 +132,7 @@ def to_float(frames_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def preprocess(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Raw ALE observations, uint8 (210, 160, 3) or (N, 210, 160, 3), to (N, 3, 64, 64) float32 in [0, 1].
+    """Raw ALE frames, uint8 (210, 160, 3) or (N, 210, 160, 3) -> (N, 3, 64, 64) float32 in [0, 1].
 
     The same function serves training, evaluation and planners: no train/serve skew.
     """

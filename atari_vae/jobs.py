@@ -1,4 +1,4 @@
-"""The train job end to end: collect -> split -> fit -> log to MLflow. CLI, MLproject and scripts call it."""
+"""The train job end to end: collect -> split -> fit -> log to MLflow."""
 
 from __future__ import annotations
 

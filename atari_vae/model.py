@@ -41,7 +41,7 @@ class VAE(nn.Module):
         self.decoder = nn.Sequential(*layers[:-1])  # logits; sigmoid applied in decode()
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, 64, 64) float in [0, 1] -> posterior mean and log-variance, each (N, latent_dim)."""
+        """(N, 3, 64, 64) in [0, 1] -> posterior mean and log-variance, each (N, latent_dim)."""
         h = self.encoder(x)
         return self.to_mu(h), self.to_logvar(h).clamp(-20.0, 10.0)
 
