@@ -7,7 +7,8 @@ variance (so reconstruction is a sum of squared errors up to constants):
     KL_j = -0.5 * (1 + logvar_j - mu_j^2 - exp(logvar_j))
 
 Both sums are per image (3x64x64 values; latent dims), averaged over the batch. ``w`` is 1 on
-background pixels and ``fg_weight`` on pixels that differ from the training set's background.
+background pixels and ``fg_weight`` where the target or the reconstruction differs from the
+training set's background (``pixel_weights``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,16 @@ def foreground_mask(x: torch.Tensor, background: torch.Tensor,
     return ((x - background).abs() > threshold).any(dim=1, keepdim=True)
 
 
-def pixel_weights(x: torch.Tensor, background: torch.Tensor, fg_weight: float) -> torch.Tensor:
-    """(N, 1, H, W) loss weights: 1 on background, ``fg_weight`` on foreground pixels."""
+def pixel_weights(x: torch.Tensor, background: torch.Tensor, fg_weight: float,
+                  x_hat: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, 1, H, W) weights: ``fg_weight`` where target or reconstruction is foreground, else 1.
+
+    Weighting the reconstruction's foreground too makes a smeared, hedged object (a faint
+    paddle across the whole row) as costly as a missing one.
+    """
     fg = foreground_mask(x, background)
+    if x_hat is not None:
+        fg |= foreground_mask(x_hat.detach().float(), background)
     return 1.0 + (fg_weight - 1.0) * fg.to(x.dtype)
 
 

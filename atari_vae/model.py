@@ -39,6 +39,9 @@ class VAE(nn.Module):
                        nn.LeakyReLU(0.2)]
             in_ch = out_ch
         self.decoder = nn.Sequential(*layers[:-1])  # logits; sigmoid applied in decode()
+        # A per-pixel output bias, independent of the input: set to the training background's
+        # logits before training, so the decoder spends z on moving objects, not the backdrop.
+        self.output_bias = nn.Parameter(torch.zeros(input_shape))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, 64, 64) in [0, 1] -> posterior mean and log-variance, each (N, latent_dim)."""
@@ -48,7 +51,12 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(N, latent_dim) -> (N, 3, 64, 64) reconstruction in [0, 1]."""
         h = self.from_z(z).view(-1, *self._grid)
-        return torch.sigmoid(self.decoder(nn.functional.leaky_relu(h, 0.2)))
+        return torch.sigmoid(self.decoder(nn.functional.leaky_relu(h, 0.2)) + self.output_bias)
+
+    @torch.no_grad()
+    def init_output_bias(self, background: torch.Tensor) -> None:
+        """Start the output bias at logit(background): a (1, 3, H, W) image in [0, 1]."""
+        self.output_bias.copy_(torch.logit(background.reshape(self.input_shape), eps=1e-3))
 
     def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         """Sample z ~ N(mu, exp(logvar)) differentiably; returns mu itself in eval mode."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: a real temporary SQLite MLflow store, a session-wide frame cache, tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def frame_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One frame cache for the whole session, so each tiny data set is collected once."""
+    return tmp_path_factory.mktemp("frame-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, frame_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own cwd and SQLite MLflow store; the frame cache is shared."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ATARI_VAE_CACHE_DIR", str(frame_cache))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    yield tmp_path
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def tiny_train_flags(output_dir: Path | str, **overrides: object) -> dict[str, object]:
+    """TrainConfig kwargs for a real but seconds-long run: 3 short Breakout episodes, 2 epochs."""
+    flags = dict(env_name="Breakout", num_episodes=3, max_steps=60, epochs=2, batch_size=32,
+                 latent_dim=8, checkpoint_freq=1, output_dir=str(output_dir), device="cpu")
+    flags.update(overrides)
+    return flags
