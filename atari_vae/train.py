@@ -65,6 +65,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
     val_frames = val_set.frames_uint8.to(device)
     mean_frame, background = (t.to(device) for t in reference_frames(train_set.frames_uint8))
     model = VAE(FRAME_SHAPE, cfg.latent_dim).to(device)
+    model.init_output_bias(background)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     epoch_frames = len(train_set.games) * int(torch.bincount(train_set.game_ids).max())
     steps_per_epoch = math.ceil(epoch_frames / cfg.batch_size)
@@ -132,8 +133,8 @@ def _train_epoch(model, optimizer, scheduler, frames, game_ids, background, cfg,
         x = to_float(frames[order[start:start + cfg.batch_size]])
         with autocast(frames.device, dtype):
             x_hat, mu, logvar = model(x)
-        terms = vae_loss(x_hat, x, mu, logvar, pixel_weights(x, background, cfg.fg_weight),
-                         cfg.kl_weight, cfg.free_bits)
+        weights = pixel_weights(x, background, cfg.fg_weight, x_hat)
+        terms = vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         optimizer.step()
@@ -153,8 +154,8 @@ def _validate(model, val_frames, background, mean_frame, cfg, dtype) -> dict[str
         nonlocal sums
         with autocast(x.device, dtype):
             x_hat, mu, logvar = model(x)
-        terms = vae_loss(x_hat, x, mu, logvar, pixel_weights(x, background, cfg.fg_weight),
-                         cfg.kl_weight, cfg.free_bits)
+        weights = pixel_weights(x, background, cfg.fg_weight, x_hat)
+        terms = vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits)
         sums += torch.stack(list(terms)) * len(x)
         return x_hat.float()
 
