@@ -47,7 +47,7 @@ def training_curves(history: Sequence[dict[str, float]], path: str | Path) -> Pa
 
 
 def reconstructions(originals: torch.Tensor, recons: torch.Tensor, path: str | Path,
-                    title: str = "") -> Path:
+                    title: str = "", labels: Sequence[str] | None = None) -> Path:
     """Rows: originals, reconstructions, and |error| maps (bright = missed objects)."""
     n = len(originals)
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.2), squeeze=False)
@@ -62,6 +62,8 @@ def reconstructions(originals: torch.Tensor, recons: torch.Tensor, path: str | P
         ax.set_yticks([])
     for row, label in enumerate(("original", "reconstruction", "|error|")):
         axes[row, 0].set_ylabel(label)
+    for ax, label in zip(axes[0], labels or ()):
+        ax.set_title(label, fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -103,4 +105,20 @@ def latent_scatter(points_2d: np.ndarray, color: np.ndarray, path: str | Path,
     sc = ax.scatter(points_2d[:, 0], points_2d[:, 1], c=color, s=6, cmap="viridis", alpha=0.8)
     fig.colorbar(sc, ax=ax, label=color_label)
     ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
+    return _save(fig, path)
+
+
+def latent_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | Path,
+                  color_label: str, title: str) -> Path:
+    """One scatter per (title, points_2d, color) panel on shared axes, e.g. one per game."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 5), squeeze=False,
+                             sharex=True, sharey=True)
+    vmax = max(float(color.max()) for _, _, color in panels)
+    for ax, (name, points, color) in zip(axes[0], panels):
+        sc = ax.scatter(points[:, 0], points[:, 1], c=color, s=6, cmap="viridis", alpha=0.8,
+                        vmin=0, vmax=vmax)
+        ax.set(title=name, xlabel="PC 1")
+    axes[0, 0].set_ylabel("PC 2")
+    fig.colorbar(sc, ax=list(axes[0]), label=color_label)
+    fig.suptitle(title)
     return _save(fig, path)

@@ -1,0 +1,117 @@
+"""Metric code on hand-made tensors whose answers are known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atari_vae.metrics import psnr_from_mse, reference_frames, score
+
+SHAPE = (3, 64, 64)
+
+
+def _score(recon_fn, frames, mean_frame=None, background=None, batch=None):
+    mean_frame = frames.mean(0, keepdim=True) if mean_frame is None else mean_frame
+    background = torch.zeros(1, *SHAPE) if background is None else background
+    batch = batch or len(frames)
+    batches = [frames[i:i + batch] for i in range(0, len(frames), batch)]
+    return score(recon_fn, batches, mean_frame, background)
+
+
+def _frames_with_square(n: int = 4, size: int = 2) -> torch.Tensor:
+    """Black frames, each with a small white square (the "ball") at a different place."""
+    frames = torch.zeros(n, *SHAPE)
+    for i in range(n):
+        frames[i, :, 10 * i:10 * i + size, 20:20 + size] = 1.0
+    return frames
+
+
+def test_perfect_reconstruction_scores_accuracy_one_mse_zero_and_high_psnr():
+    frames = torch.rand(6, *SHAPE)
+    m = _score(lambda x: x.clone(), frames, background=torch.full((1, *SHAPE), 0.5))
+    assert m["mse"] == 0.0
+    assert m["accuracy"] == 1.0
+    assert m["fg_accuracy"] == 1.0
+    assert m["psnr"] >= 100 and m["psnr_p05"] >= 100
+
+
+def test_psnr_of_a_constant_error_follows_the_formula():
+    frames = torch.full((3, *SHAPE), 0.5)
+    m = _score(lambda x: x + 0.05, frames)
+    assert m["mse"] == pytest.approx(0.0025, rel=1e-5)
+    assert m["psnr"] == pytest.approx(10 * math.log10(1 / 0.0025), abs=1e-3)  # 26.02 dB
+    assert m["psnr_median"] == pytest.approx(26.0206, abs=1e-3)
+    assert m["accuracy"] == 1.0  # 0.05 is within the 0.1 tolerance
+    assert _score(lambda x: x + 0.2, frames)["accuracy"] == 0.0
+    assert psnr_from_mse(0.01) == pytest.approx(20.0)
+
+
+def test_mean_frame_model_scores_exactly_the_baseline_keys():
+    frames = torch.rand(10, *SHAPE)
+    mean_frame = torch.rand(1, *SHAPE)
+    background = frames.median(dim=0, keepdim=True).values
+    m = _score(lambda x: mean_frame.expand_as(x), frames, mean_frame, background, batch=3)
+    for key in ("mse", "psnr", "accuracy", "fg_mse", "fg_psnr", "fg_accuracy", "psnr_median",
+                "psnr_p05"):
+        assert m[key] == pytest.approx(m[f"baseline_{key}"], rel=1e-6), key
+
+
+def test_baseline_of_black_and_white_frames_is_grey_with_known_scores():
+    frames = torch.stack([torch.zeros(SHAPE), torch.ones(SHAPE)])
+    m = _score(lambda x: x, frames)
+    assert m["baseline_mse"] == pytest.approx(0.25)
+    assert m["baseline_psnr"] == pytest.approx(10 * math.log10(4))
+    assert m["baseline_accuracy"] == 0.0
+
+
+def test_missing_small_object_drops_fg_accuracy_while_accuracy_stays_high():
+    frames = _frames_with_square()
+    background = torch.zeros(1, *SHAPE)
+    m = _score(lambda x: background.expand_as(x), frames, background=background)
+    object_values = 3 * 2 * 2
+    assert m["accuracy"] == pytest.approx(1 - object_values / (3 * 64 * 64))  # 0.999
+    assert m["fg_accuracy"] == 0.0
+    assert m["fg_mse"] == pytest.approx(1.0)
+    assert m["fg_psnr"] == pytest.approx(0.0)
+    assert m["fg_fraction"] == pytest.approx(4 / (64 * 64))
+    assert m["psnr"] > 30  # the classic figure looks excellent
+
+
+def test_reconstruction_that_keeps_the_object_beats_the_mean_frame_on_foreground():
+    frames = _frames_with_square()
+    m = _score(lambda x: x.clone(), frames, background=torch.zeros(1, *SHAPE))
+    assert m["fg_accuracy"] == 1.0
+    assert m["baseline_fg_accuracy"] == 0.0  # the mean of 4 moving squares is 0.25 grey
+
+
+def test_metrics_do_not_depend_on_how_frames_are_batched():
+    frames = torch.rand(7, *SHAPE)
+
+    def recon(x: torch.Tensor) -> torch.Tensor:  # a fixed distortion: errors of many sizes
+        return (x + 0.3 * torch.sin(37 * x)).clamp(0, 1)
+
+    whole = _score(recon, frames, batch=7)
+    split = _score(recon, frames, batch=2)
+    assert 0 < whole["accuracy"] < 1
+    for key, value in whole.items():
+        assert split[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_per_frame_spread_reports_median_and_fifth_percentile():
+    frames = torch.full((5, *SHAPE), 0.5)
+    errors = torch.tensor([0.01, 0.02, 0.03, 0.04, 0.3]).view(5, 1, 1, 1)
+    m = _score(lambda x: x + errors, frames)
+    frame_psnrs = sorted(10 * math.log10(1 / e**2) for e in errors.flatten().tolist())
+    assert m["psnr_median"] == pytest.approx(frame_psnrs[2], abs=1e-3)
+    assert m["psnr_p05"] == pytest.approx(
+        frame_psnrs[0] + 0.2 * (frame_psnrs[1] - frame_psnrs[0]), abs=1e-3)
+
+
+def test_reference_frames_give_mean_and_median_of_uint8_frames():
+    frames = torch.stack([torch.full(SHAPE, v, dtype=torch.uint8) for v in (0, 51, 255)])
+    mean_frame, background = reference_frames(frames)
+    assert mean_frame.shape == background.shape == (1, *SHAPE)
+    assert mean_frame.flatten()[0].item() == pytest.approx(102 / 255)
+    assert background.flatten()[0].item() == pytest.approx(51 / 255)
