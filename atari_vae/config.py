@@ -46,14 +46,14 @@ class TrainConfig(DataConfig):
     lr: float = flag(1e-3, "Adam learning rate (cosine-decayed to 5% over the run).")
     val_split: float = flag(0.1, "Share of episodes held out for validation, in (0, 1).")
     kl_weight: float = flag(
-        1.0,
+        0.1,
         "Weight of the KL term. The reconstruction term is a per-image SUM of squared errors "
         "over 3x64x64 values (foreground-weighted), the KL a sum over latent dims; both "
         "averaged over the batch.")
     fg_weight: float = flag(
         30.0,
-        "Loss weight of foreground pixels (those differing from the training set's per-pixel "
-        "median background by > 0.1); 1 gives the plain sum-of-squares VAE.")
+        "Loss weight of foreground pixels: where the frame or its reconstruction differs from "
+        "the training set's per-pixel median background by > 0.1; 1 = plain sum of squares.")
     free_bits: float = flag(
         0.0, "KL free bits: nats per latent dim below which KL is not penalised (0 = off).")
     device: str = flag("auto", "Compute device; auto picks cuda, then mps, then cpu.",
@@ -94,7 +94,8 @@ class EvaluateConfig:
     num_samples: int = flag(1000, "Held-out frames to score per game.")
     max_steps: int = flag(1000, "Longest episode kept, in agent steps.")
     seed: int = flag(
-        10_000, "Seed for the fresh episodes; keep it apart from training seeds.")
+        10_000, "Seed for the fresh episodes (the mean frame and background come from other "
+        "episodes, seed + 100000); keep it apart from training seeds.")
     device: str = flag("auto", "Compute device.", choices=DEVICE_CHOICES)
     output_dir: str = flag("outputs/vae_evaluation", "Where metrics and plots go.")
     experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
@@ -110,6 +111,10 @@ class TuneConfig(TrainConfig):
     """Search kl_weight and latent_dim with Optuna; register the best model."""
 
     num_episodes: int = flag(20, "Random-policy episodes to collect per game (once per study).")
+    latent_dim: int = flag(32, "Not used by tune: each trial draws latent_dim from "
+                           "[latent_dim_min, latent_dim_max].")
+    kl_weight: float = flag(1.0, "Not used by tune: each trial draws kl_weight from "
+                            "[kl_weight_min, kl_weight_max].")
     epochs: int = flag(10, "Training epochs per trial.")
     checkpoint_freq: int = flag(1000, "Checkpoint every N epochs within a trial.")
     output_dir: str = flag("outputs/vae_tuning", "Trial outputs go to <output_dir>/trial_<n>.")
@@ -121,12 +126,18 @@ class TuneConfig(TrainConfig):
         "beside mlflow.db.")
     model_name: str = flag("", "Registered model name; default atari-vae-<game>.")
     kl_budget: float = flag(
-        25.0, "Rate budget in nats per frame: trials whose held-out KL exceeds it are "
-        "infeasible.")
+        50.0, "Rate budget: held-out KL(q(z|x) || N(0, I)) in nats per frame; trials above it "
+        "are infeasible and never picked.")
     kl_weight_min: float = flag(1e-3, "Lower end of the log-uniform kl_weight range.")
     kl_weight_max: float = flag(10.0, "Upper end of the log-uniform kl_weight range.")
     latent_dim_min: int = flag(8, "Smallest latent_dim tried (powers of two).")
     latent_dim_max: int = flag(128, "Largest latent_dim tried (powers of two).")
+    eval_samples: int = flag(
+        1000, "Held-out frames (evaluate's default seed) on which a new model and the current "
+        "champion are compared.")
+    heartbeat_interval: int = flag(
+        30, "Seconds between trial heartbeats in a database storage; a trial silent for twice "
+        "this (its worker died) is marked FAIL and retried once.")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
@@ -139,6 +150,16 @@ class TuneConfig(TrainConfig):
             raise ConfigError("--kl_weight_min must not exceed --kl_weight_max")
         if self.latent_dim_min > self.latent_dim_max:
             raise ConfigError("--latent_dim_min must not exceed --latent_dim_max")
+        if not power_of_two_dims(self.latent_dim_min, self.latent_dim_max):
+            raise ConfigError(
+                f"no power of two lies in --latent_dim_min {self.latent_dim_min} .. "
+                f"--latent_dim_max {self.latent_dim_max}; widen the range (e.g. 8 .. 128)")
+        _positive(self, "eval_samples", "heartbeat_interval")
+
+
+def power_of_two_dims(low: int, high: int) -> list[int]:
+    """The latent sizes a study tries: powers of two in [low, high]."""
+    return [2**k for k in range(31) if low <= 2**k <= high]
 
 
 def fields_of(config_cls: type) -> list[dataclasses.Field]:

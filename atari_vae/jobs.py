@@ -13,7 +13,7 @@ from atari_vae.envs import parse_games
 from atari_vae.errors import ConfigError
 from atari_vae.files import atomic_write_text
 from atari_vae.runtime import resolve_device
-from atari_vae.train import TrainResult, fit, latest_checkpoint
+from atari_vae.train import TrainResult, fit, read_checkpoint
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -39,19 +39,26 @@ def train_job(cfg: TrainConfig) -> TrainResult:
     games = parse_games(cfg.env_name)
     resolve_device(cfg.device)
     out = check_output_dir(cfg.output_dir)
-    if cfg.resume and latest_checkpoint(out) is None:
-        raise ConfigError(f"--resume: no checkpoint_epoch_*.pt in {out} to resume from")
+    if cfg.resume:  # a missing or unusable checkpoint fails before MLflow and collection
+        read_checkpoint(out, cfg.latent_dim)
     tracking.configure(cfg.experiment_name)
     run_id_file = out / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if cfg.resume and run_id_file.exists() else None
     if run_id and os.environ.get("MLFLOW_RUN_ID"):
         run_id = None  # under `mlflow run`, log into the run MLflow created
+    lost = run_id if run_id and not tracking.run_exists(run_id) else None
+    if lost:
+        log.warning("MLflow run %s is not in %s; the resumed training logs to a new run",
+                    lost, tracking.tracking_uri())
+        run_id = None
     name = f"train-{'+'.join(g.title for g in games)}"
     with tracking.tracked_run(name, tracking.base_tags("train", [g.title for g in games]),
                               run_id=run_id) as run:
         atomic_write_text(run_id_file, run.info.run_id)
         if not run_id:
             tracking.log_config(cfg)
+        if lost:
+            tracking.set_tags({"resumed_from_run_id": lost})
         frames = load_games(games, cfg.num_episodes, cfg.max_steps, cfg.seed)
         train_set, val_set = split_by_episode(frames, cfg.val_split, cfg.seed)
         tracking.log_metrics({"n_train_frames": len(train_set), "n_val_frames": len(val_set)})

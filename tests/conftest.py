@@ -1,4 +1,4 @@
-"""Shared fixtures: a real temporary SQLite MLflow store, a session-wide frame cache, tiny configs."""
+"""Shared fixtures: a real temporary SQLite MLflow store, a shared frame cache, tiny configs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+# Tiny batches gain little from threads, and on a shared 2-core machine two spinning OpenMP
+# pools make a tiny training 10-30x slower; subprocesses inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,188 @@
+"""The CLI: options generated from the configs, the original flags, bad input as one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from atari_vae import cli
+from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
+from tests.conftest import REPO, tiny_train_flags
+
+COMMANDS = [("train", TrainConfig), ("evaluate", EvaluateConfig), ("tune", TuneConfig)]
+ORIGINAL_TRAIN_FLAGS = ("--env_name", "--latent_dim", "--num_episodes", "--max_steps",
+                        "--batch_size", "--epochs", "--lr", "--val_split", "--device",
+                        "--output_dir", "--checkpoint_freq", "--seed")
+ORIGINAL_EVALUATE_FLAGS = ("--model_path", "--env_name", "--num_samples", "--output_dir",
+                           "--seed", "--device")
+
+
+def _options(command: click.Command) -> dict[str, click.Option]:
+    return {p.name: p for p in command.params if isinstance(p, click.Option)}
+
+
+@pytest.mark.parametrize("name, config_cls", COMMANDS)
+def test_every_config_field_is_an_option_of_its_command_with_the_same_default(name, config_cls):
+    options = _options(cli.main.commands[name])
+    fields = fields_of(config_cls)
+    assert set(options) == {f.name for f in fields}
+    for f in fields:
+        option = options[f.name]
+        assert f"--{f.name}" in option.opts, f.name
+        assert option.default == f.default, f.name
+        if f.metadata["choices"] and f.name != "device":  # device also takes cuda:N
+            assert tuple(option.type.choices) == f.metadata["choices"]
+
+
+def test_hyphen_aliases_parse_to_the_same_config_fields():
+    ctx = cli.train.make_context("train", ["--env-name", "Pong", "--num-episodes", "3",
+                                           "--val-split", "0.25", "--resume"])
+    cfg = TrainConfig(**ctx.params)
+    assert (cfg.env_name, cfg.num_episodes, cfg.val_split, cfg.resume) == ("Pong", 3, 0.25, True)
+
+
+def _help(*command: str) -> str:
+    result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_original_training_script_help_lists_the_original_flags():
+    text = _help("experiments/train_atari_vae.py")
+    assert "train_atari_vae.py" in text
+    for flag in ORIGINAL_TRAIN_FLAGS:
+        assert flag in text, flag
+
+
+def test_original_evaluation_script_help_lists_the_original_flags():
+    text = _help("experiments/evaluate_vae.py")
+    assert "evaluate_vae.py" in text
+    for flag in ORIGINAL_EVALUATE_FLAGS:
+        assert flag in text, flag
+
+
+def test_python_dash_m_offers_train_evaluate_and_tune():
+    text = _help("-m", "atari_vae")
+    for command in ("train", "evaluate", "tune"):
+        assert command in text
+
+
+def test_train_help_says_what_loss_reduction_kl_weight_scales():
+    help_text = CliRunner().invoke(cli.train, ["--help"]).output
+    assert "--kl_weight" in help_text and "SUM" in help_text
+
+
+def _train_args(out: Path, **overrides: object) -> list[str]:
+    args = []
+    for key, value in tiny_train_flags(out, **overrides).items():
+        if value is True:
+            args.append(f"--{key}")
+        elif value is not False:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def _files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+BAD_TRAIN_INPUT = [
+    (dict(env_name="Breakot"), "unknown game 'Breakot'; did you mean breakout"),
+    (dict(env_name="NoSuchGame"), "unknown game 'NoSuchGame'"),
+    (dict(num_episodes=0), "--num_episodes must be positive"),
+    (dict(num_episodes=1), "--num_episodes must be at least 2"),
+    (dict(epochs=0), "--epochs must be positive"),
+    (dict(epochs=-3), "--epochs must be positive"),
+    (dict(batch_size=0), "--batch_size must be positive"),
+    (dict(latent_dim=0), "--latent_dim must be positive"),
+    (dict(max_steps=0), "--max_steps must be positive"),
+    (dict(checkpoint_freq=0), "--checkpoint_freq must be positive"),
+    (dict(val_split=0), "--val_split must be in (0, 1)"),
+    (dict(val_split=1.5), "--val_split must be in (0, 1)"),
+    (dict(lr=-0.001), "--lr must be positive"),
+    (dict(kl_weight=-1), "--kl_weight must be zero or positive"),
+    (dict(device="cuda"), "--device cuda: CUDA is not available"),
+    (dict(device="cuda:1"), "--device cuda:1: CUDA is not available"),
+    (dict(device="tpu"), "--device must be one of"),
+    (dict(resume=True), "--resume: no checkpoint_epoch_*.pt"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_TRAIN_INPUT,
+                         ids=[next(iter(o)) + "=" + str(next(iter(o.values())))
+                              for o, _ in BAD_TRAIN_INPUT])
+def test_bad_train_input_gives_one_error_line_nonzero_exit_and_no_files(tmp_path, overrides,
+                                                                        message):
+    before = _files_under(tmp_path)
+    result = CliRunner().invoke(cli.train, _train_args(tmp_path / "out", **overrides))
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # handled, not a crash
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
+    assert "Traceback" not in result.output
+    assert _files_under(tmp_path) == before
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_output_dir_that_is_a_file_is_refused_and_left_untouched(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("someone's notes")
+    result = CliRunner().invoke(cli.train, _train_args(target))
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: --output_dir {target} is a file; give a directory"
+    assert target.read_text() == "someone's notes"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_unwritable_output_dir_is_refused(tmp_path):
+    if os.geteuid() == 0:
+        # root writes anywhere; a dir below a file is unwritable for everyone
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        out = tmp_path / "ro" / "out"
+    result = CliRunner().invoke(cli.train, _train_args(out))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: --output_dir {out}")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_number_is_a_usage_error_without_traceback(tmp_path):
+    result = CliRunner().invoke(cli.train, [*_train_args(tmp_path / "out"), "--epochs", "ten"])
+    assert result.exit_code == 2
+    assert "Error: Invalid value for '--epochs'" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path):
+    uri = "http://127.0.0.1:9"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    result = subprocess.run([sys.executable, "-m", "atari_vae", "train",
+                             *_train_args(tmp_path / "out")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and uri in lines[0], lines
+    assert "Traceback" not in result.stderr
+    assert not _files_under(tmp_path)  # no run, no frames, no model files
+
+
+def test_unknown_game_through_the_installed_command_prints_only_the_error(tmp_path):
+    exe = Path(sys.executable).with_name("atari-vae")
+    result = subprocess.run([str(exe), "train", "--env_name", "spaceinvader", "--output_dir",
+                             str(tmp_path / "out")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=90)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("Error: unknown game 'spaceinvader'; did you mean "
+                                    "space_invaders")
+    assert not _files_under(tmp_path)  # no MLflow store, no output dir files

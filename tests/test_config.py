@@ -1,0 +1,90 @@
+"""Config dataclasses: the issue's defaults, and every bad value rejected with a clear message."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
+from atari_vae.errors import AtariVaeError, ConfigError
+
+ISSUE_TRAIN_DEFAULTS = dict(
+    env_name="Breakout", latent_dim=32, num_episodes=100, max_steps=1000, batch_size=128,
+    epochs=100, lr=1e-3, val_split=0.1, device="auto", output_dir="outputs/vae_training",
+    checkpoint_freq=10, seed=42)
+
+
+def test_train_defaults_are_the_ones_the_training_issue_names():
+    cfg = TrainConfig()
+    assert {k: getattr(cfg, k) for k in ISSUE_TRAIN_DEFAULTS} == ISSUE_TRAIN_DEFAULTS
+
+
+def test_evaluate_seed_differs_from_the_training_seed():
+    assert EvaluateConfig().seed != TrainConfig().seed
+
+
+@pytest.mark.parametrize("config_cls", [TrainConfig, EvaluateConfig, TuneConfig])
+def test_default_configs_are_valid(config_cls):
+    config_cls().validate()
+
+
+@pytest.mark.parametrize("config_cls", [TrainConfig, EvaluateConfig, TuneConfig])
+def test_every_field_has_help_text_for_cli_and_readme(config_cls):
+    for f in fields_of(config_cls):
+        assert len(f.metadata["help"]) > 10, f.name
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("num_episodes", 0, "positive"),
+    ("num_episodes", 1, "at least 2"),
+    ("max_steps", 0, "positive"),
+    ("latent_dim", 0, "positive"),
+    ("latent_dim", -4, "positive"),
+    ("batch_size", 0, "positive"),
+    ("epochs", 0, "positive"),
+    ("checkpoint_freq", 0, "positive"),
+    ("lr", 0.0, "positive"),
+    ("lr", -1e-3, "positive"),
+    ("lr", math.nan, "positive"),
+    ("kl_weight", -1.0, "zero or positive"),
+    ("free_bits", -0.5, "zero or positive"),
+    ("fg_weight", 0.0, "positive"),
+    ("val_split", 0.0, "(0, 1)"),
+    ("val_split", 1.0, "(0, 1)"),
+    ("val_split", 1.5, "(0, 1)"),
+    ("val_split", -0.1, "(0, 1)"),
+    ("val_split", math.nan, "(0, 1)"),
+    ("device", "tpu", "auto, cpu, cuda, mps"),
+    ("precision", "fp16", "auto, fp32, bf16"),
+])
+def test_bad_train_value_is_a_config_error_naming_flag_value_and_rule(field, value, fragment):
+    cfg = TrainConfig(**{field: value})
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    message = str(err.value)
+    assert f"--{field}" in message and fragment in message and str(value) in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("field, value", [("num_samples", 0), ("max_steps", -1),
+                                          ("device", "gpu")])
+def test_bad_evaluate_value_is_a_config_error(field, value):
+    with pytest.raises(ConfigError, match=f"--{field}"):
+        EvaluateConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    (dict(n_trials=0), "--n_trials"),
+    (dict(n_trials=-1), "--n_trials"),
+    (dict(kl_weight_min=1.0, kl_weight_max=0.1), "--kl_weight_min"),
+    (dict(latent_dim_min=64, latent_dim_max=8), "--latent_dim_min"),
+    (dict(epochs=0), "--epochs"),
+])
+def test_bad_tune_value_is_a_config_error(overrides, flag):
+    with pytest.raises(ConfigError, match=flag):
+        TuneConfig(**overrides).validate()
+
+
+def test_config_errors_are_the_error_type_the_cli_prints_as_one_line():
+    assert issubclass(ConfigError, AtariVaeError)

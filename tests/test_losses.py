@@ -1,0 +1,117 @@
+"""The loss on hand-made tensors whose value is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atari_vae.losses import foreground_mask, kl_per_dim, pixel_weights, vae_loss
+
+PIXELS = 3 * 64 * 64
+
+
+def _images(n: int = 2, value: float = 0.5) -> torch.Tensor:
+    return torch.full((n, 3, 64, 64), value)
+
+
+def test_perfect_reconstruction_with_standard_normal_posterior_costs_nothing():
+    x = _images()
+    terms = vae_loss(x.clone(), x, torch.zeros(2, 8), torch.zeros(2, 8))
+    assert terms.total.item() == terms.recon.item() == terms.kl.item() == 0.0
+
+
+def test_reconstruction_is_a_per_image_sum_of_squares_averaged_over_the_batch():
+    x = _images()
+    x_hat = x + 0.1
+    x_hat[1] = x[1]  # second image perfect: the batch mean halves the first image's sum
+    terms = vae_loss(x_hat, x, torch.zeros(2, 4), torch.zeros(2, 4))
+    assert terms.recon.item() == pytest.approx(PIXELS * 0.01 / 2, rel=1e-5)
+
+
+def test_kl_matches_the_closed_form_on_a_hand_example():
+    mu = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    logvar = torch.tensor([[0.0, math.log(2.0)], [0.0, 0.0]])
+    # KL_j = -0.5 (1 + logvar - mu^2 - exp(logvar)): image 1 -> 0.5 and 0.5 (1 - ln 2); image 2 -> 0
+    expected = (0.5 + 0.5 * (1 - math.log(2.0))) / 2
+    assert kl_per_dim(mu, logvar).tolist() == pytest.approx([0.25, 0.25 * (1 - math.log(2.0))])
+    x = _images()
+    terms = vae_loss(x, x, mu, logvar, kl_weight=3.0)
+    assert terms.kl.item() == pytest.approx(expected)
+    assert terms.total.item() == pytest.approx(3.0 * expected)
+
+
+def test_kl_weight_scales_only_the_kl_term():
+    x = _images()
+    args = (x + 0.2, x, torch.ones(2, 4), torch.zeros(2, 4))
+    one, ten = vae_loss(*args, kl_weight=1.0), vae_loss(*args, kl_weight=10.0)
+    assert one.recon == ten.recon and one.kl == ten.kl
+    assert (ten.total - ten.recon).item() == pytest.approx(10 * (one.total - one.recon).item())
+    assert vae_loss(*args, kl_weight=0.0).total == one.recon
+
+
+def test_foreground_mask_marks_pixels_off_the_background_in_any_channel():
+    background = _images(1, 0.5)
+    x = background.expand(1, -1, -1, -1).clone()
+    x[0, 2, 10, 20] = 0.7  # blue channel only, off by 0.2
+    x[0, 0, 30, 30] = 0.55  # within the 0.1 threshold: background
+    mask = foreground_mask(x, background)
+    assert mask.shape == (1, 1, 64, 64)
+    assert mask.sum().item() == 1 and mask[0, 0, 10, 20]
+
+
+def test_foreground_weight_multiplies_the_error_on_foreground_pixels_only():
+    background = _images(1, 0.5)
+    x = background.clone()
+    x[0, :, 5, 5] = 1.0  # one object pixel
+    weights = pixel_weights(x, background, fg_weight=30.0)
+    assert weights[0, 0, 5, 5] == 30.0 and weights.sum().item() == 64 * 64 - 1 + 30
+    mu = logvar = torch.zeros(1, 4)
+    on_object = x.clone()
+    on_object[0, 0, 5, 5] -= 0.1
+    on_background = x.clone()
+    on_background[0, 0, 40, 40] -= 0.1
+    cost_fg = vae_loss(on_object, x, mu, logvar, weights).recon.item()
+    cost_bg = vae_loss(on_background, x, mu, logvar, weights).recon.item()
+    assert cost_bg == pytest.approx(0.01, rel=1e-4)
+    assert cost_fg == pytest.approx(30 * 0.01, rel=1e-4)
+
+
+def test_fg_weight_one_gives_the_plain_sum_of_squares():
+    background = _images(1, 0.0)
+    x = torch.rand(2, 3, 64, 64)
+    x_hat = torch.rand(2, 3, 64, 64)
+    mu, logvar = torch.randn(2, 4), torch.randn(2, 4)
+    plain = vae_loss(x_hat, x, mu, logvar)
+    weighted = vae_loss(x_hat, x, mu, logvar, pixel_weights(x, background, 1.0))
+    assert torch.allclose(plain.total, weighted.total)
+
+
+def test_free_bits_charge_at_least_the_floor_per_dim_and_stop_its_gradient():
+    x = _images(1)
+    mu = torch.tensor([[0.0, 0.0, 3.0]], requires_grad=True)
+    logvar = torch.zeros(1, 3)
+    terms = vae_loss(x, x, mu, logvar, kl_weight=2.0, free_bits=0.5)
+    # dims 1-2 have KL 0 -> charged 0.5 each; dim 3 has KL 4.5 > 0.5 -> charged 4.5
+    assert terms.kl.item() == pytest.approx(4.5)  # reported KL is the true KL
+    assert terms.total.item() == pytest.approx(2.0 * (0.5 + 0.5 + 4.5))
+    terms.total.backward()
+    assert mu.grad[0, :2].tolist() == [0.0, 0.0] and mu.grad[0, 2].item() == pytest.approx(6.0)
+
+
+def test_loss_of_bf16_reconstructions_is_computed_in_float32():
+    x = _images()
+    terms = vae_loss((x + 0.1).bfloat16(), x, torch.zeros(2, 4).bfloat16(),
+                     torch.zeros(2, 4).bfloat16())
+    assert terms.total.dtype == torch.float32
+
+
+def test_objects_painted_by_the_reconstruction_are_weighted_like_real_ones():
+    background = _images(1, 0.5)
+    x = background.clone()
+    x_hat = x.clone()
+    x_hat[0, :, 7, 9] = 1.0  # a ghost object where the frame shows background
+    weights = pixel_weights(x, background, 30.0, x_hat)
+    assert weights[0, 0, 7, 9] == 30.0 and weights.sum().item() == 64 * 64 - 1 + 30
+    assert pixel_weights(x, background, 30.0).eq(1.0).all()

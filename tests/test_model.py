@@ -1,0 +1,135 @@
+"""The VAE's interface, the documented load line on a trained output, and pickle-free loading."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from atari_vae import VAE, registry
+from atari_vae.config import TrainConfig
+from atari_vae.data import load_or_collect, split_by_episode
+from atari_vae.envs import resolve_game
+from atari_vae.errors import AtariVaeError
+from atari_vae.model import latent_dim_of
+from atari_vae.train import fit
+from tests.conftest import REPO, tiny_train_flags
+
+
+@pytest.fixture
+def frames() -> torch.Tensor:
+    return torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def test_encode_decode_and_forward_shapes(frames):
+    vae = VAE(input_shape=(3, 64, 64), latent_dim=32)
+    assert vae.latent_dim == 32
+    mu, logvar = vae.encode(frames)
+    assert mu.shape == logvar.shape == (4, 32)
+    assert vae.decode(mu).shape == (4, 3, 64, 64)
+    x_hat, mu2, logvar2 = vae(frames)
+    assert x_hat.shape == (4, 3, 64, 64) and mu2.shape == logvar2.shape == (4, 32)
+
+
+def test_decode_stays_in_unit_range_even_for_extreme_latents():
+    vae = VAE(latent_dim=8)
+    z = torch.cat([torch.full((1, 8), -1e3), torch.zeros(1, 8), torch.full((1, 8), 1e3)])
+    x_hat = vae.decode(z)
+    assert x_hat.min() >= 0.0 and x_hat.max() <= 1.0 and torch.isfinite(x_hat).all()
+
+
+def test_eval_forward_is_decode_of_the_posterior_mean_so_z_is_the_only_path(frames):
+    vae = VAE(latent_dim=16).eval()
+    x_hat, mu, _ = vae(frames)
+    assert torch.equal(x_hat, vae.decode(mu))  # nothing reaches the decoder except z
+    assert torch.equal(vae(frames)[0], x_hat)  # deterministic in eval mode
+
+
+def test_training_mode_samples_z(frames):
+    vae = VAE(latent_dim=16).train()
+    torch.manual_seed(0)
+    first = vae(frames)[0]
+    assert not torch.equal(first, vae(frames)[0])
+
+
+def test_latent_dim_is_read_back_from_a_state_dict():
+    assert latent_dim_of(VAE(latent_dim=12).state_dict()) == 12
+
+
+def test_prior_samples_are_images():
+    samples = VAE(latent_dim=8).sample(5, torch.Generator().manual_seed(0))
+    assert samples.shape == (5, 3, 64, 64) and samples.min() >= 0 and samples.max() <= 1
+
+
+@pytest.fixture
+def trained_output(tmp_path: Path) -> Path:
+    """best_model.pt etc. from a real one-epoch training at the issue's latent size."""
+    cfg = TrainConfig(**tiny_train_flags("outputs/vae_training", epochs=1, latent_dim=32))
+    data = load_or_collect(resolve_game(cfg.env_name), cfg.num_episodes, cfg.max_steps,
+                           cfg.seed, progress=False)
+    fit(cfg, *split_by_episode(data, cfg.val_split, cfg.seed))
+    return tmp_path / "outputs" / "vae_training"
+
+
+def test_the_documented_load_line_works_verbatim_on_a_trained_output(trained_output):
+    vae = VAE(input_shape=(3, 64, 64), latent_dim=32)
+    vae.load_state_dict(torch.load("outputs/vae_training/best_model.pt", weights_only=True))
+    loaded = registry.load_model(str(trained_output / "checkpoint_epoch_1.pt"))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in vae.state_dict().items())
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that a loader ran code from a model file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _bad_model_files(tmp_path: Path) -> dict[str, Path]:
+    good = tmp_path / "good.pt"
+    torch.save(VAE(latent_dim=8).state_dict(), good)
+    files = {"missing": tmp_path / "missing.pt", "truncated": tmp_path / "truncated.pt",
+             "text": tmp_path / "notes.pt", "foreign": tmp_path / "foreign.pt",
+             "pickle": tmp_path / "payload.pt"}
+    files["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    files["text"].write_text("not a model")
+    torch.save({"weight": torch.zeros(3)}, files["foreign"])
+    torch.save({"model": _Payload(tmp_path / "code-ran")}, files["pickle"])
+    return files
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "does not exist"),
+    ("truncated", "is not a readable atari-vae model"),
+    ("text", "is not a readable atari-vae model"),
+    ("foreign", "is not a readable atari-vae model"),
+    ("pickle", "pickled objects are never loaded"),
+])
+def test_bad_model_files_give_one_clear_error_and_never_run_code(tmp_path, kind, message):
+    path = _bad_model_files(tmp_path)[kind]
+    with pytest.raises(AtariVaeError) as err:
+        registry.load_model(str(path))
+    assert str(path) in str(err.value) and message in str(err.value)
+    assert "\n" not in str(err.value) and "\x1b" not in str(err.value)
+    assert "weights_only=False" not in str(err.value)  # never advise the unsafe way
+    assert not (tmp_path / "code-ran").exists()
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    calls = 0
+    for source in (REPO / "atari_vae").glob("*.py"):
+        text = source.read_text()
+        for match in re.finditer(r"torch\.load\(", text):
+            depth, end = 1, match.end()
+            while depth:
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            assert "weights_only=True" in text[match.end():end], f"{source.name}: {match}"
+            calls += 1
+        assert "pickle.load" not in text and "allow_pickle=True" not in text, source.name
+    assert calls >= 2

@@ -1,0 +1,152 @@
+"""Never lose a run: SIGKILL then --resume gives the uninterrupted weights; SIGTERM ends KILLED."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from atari_vae import cli
+from atari_vae.jobs import RUN_ID_FILE
+from tests.conftest import tiny_train_flags
+from tests.test_model import _Payload
+from tests.test_train import cli_args
+
+EXE = str(Path(sys.executable).with_name("atari-vae"))
+POLL_S = 0.01
+
+
+def _flags(out: Path, **overrides: object) -> dict[str, object]:
+    # 4 epochs with a checkpoint each: the kill lands after epoch 2, the resume runs 3 and 4.
+    base = dict(epochs=4, checkpoint_freq=1)
+    return tiny_train_flags(out, **{**base, **overrides})
+
+
+def _train(flags: dict[str, object], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([EXE, "train", *cli_args(flags)], cwd=cwd, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _start(flags: dict[str, object], cwd: Path) -> tuple[subprocess.Popen, Path]:
+    """A training in the background and its stderr file (a full pipe would stall it)."""
+    log = cwd / f"{Path(str(flags['output_dir'])).name}.stderr"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([EXE, "train", *cli_args(flags)], cwd=cwd, text=True,
+                                stdout=subprocess.DEVNULL, stderr=fh)
+    return proc, log
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before {path.name} appeared: {log.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path.name} did not appear within {timeout_s} s")
+        time.sleep(POLL_S)
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_weights_and_the_same_mlflow_run(tmp_path):
+    reference = _flags(tmp_path / "reference")
+    _train(reference, tmp_path)
+
+    out = tmp_path / "interrupted"
+    proc, log = _start(_flags(out), tmp_path)
+    _wait_for(out / "checkpoint_epoch_2.pt", proc, log)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "final_model.pt").exists(), "the kill must land mid-training"
+    run_id = (out / RUN_ID_FILE).read_text().strip()
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # SIGKILL cannot clean up
+    for path in out.glob("[!.]*.pt"):  # atomic writes: every visible file is whole
+        assert torch.load(path, weights_only=True), path.name
+
+    _train({**_flags(out), "resume": True}, tmp_path)
+
+    resumed = torch.load(out / "final_model.pt", weights_only=True)
+    uninterrupted = torch.load(tmp_path / "reference" / "final_model.pt", weights_only=True)
+    assert resumed.keys() == uninterrupted.keys()
+    unequal = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
+    assert not unequal, f"resumed weights differ from the uninterrupted run in {unequal}"
+    best = torch.load(out / "best_model.pt", weights_only=True)
+    best_ref = torch.load(tmp_path / "reference" / "best_model.pt", weights_only=True)
+    assert all(torch.equal(best[k], best_ref[k]) for k in best)
+
+    assert (out / RUN_ID_FILE).read_text().strip() == run_id
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.info.run_id for r in runs) == sorted(
+        [run_id, (tmp_path / "reference" / RUN_ID_FILE).read_text().strip()])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    assert {3, 4} <= set(steps) and len(steps) == len(set(steps))
+    ckpt = torch.load(out / "checkpoint_epoch_4.pt", weights_only=True)
+    assert [h["epoch"] for h in ckpt["history"]] == [1, 2, 3, 4]
+
+
+def test_sigterm_ends_the_mlflow_run_killed_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "out"
+    proc, log = _start(tiny_train_flags(out, epochs=200), tmp_path)
+    _wait_for(out / "checkpoint_epoch_1.pt", proc, log)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    stderr = log.read_text()
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("Interrupted")
+    assert "--resume" in stderr
+    run = MlflowClient().get_run((out / RUN_ID_FILE).read_text().strip())
+    assert run.info.status == "KILLED"
+
+
+def test_resume_refuses_a_checkpoint_that_needs_unpickling_code(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = tmp_path / "code-ran"
+    torch.save({"model": _Payload(marker)}, out / "checkpoint_epoch_1.pt")
+    result = CliRunner().invoke(cli.train, cli_args({**_flags(out), "resume": True}))
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: --resume: cannot restore {out / 'checkpoint_epoch_1.pt'}: not a tensor-only "
+        f"torch file; pickled objects are never loaded\n")
+    assert not marker.exists()
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run was opened
+
+
+def test_resume_refuses_another_model_size_and_opens_a_new_run_if_the_old_one_is_gone(
+        tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    flags = tiny_train_flags(out, epochs=1, latent_dim=4)
+    first = CliRunner().invoke(cli.train, cli_args(flags))
+    assert first.exit_code == 0, first.output
+    old_run_id = (out / RUN_ID_FILE).read_text().strip()
+
+    wrong = CliRunner().invoke(cli.train, cli_args({**flags, "latent_dim": 8, "epochs": 2,
+                                                    "resume": True}))
+    assert wrong.exit_code == 1
+    assert wrong.stderr.startswith("Error: --resume: cannot restore")
+    assert "trained with --latent_dim 4, not 8" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
+    assert MlflowClient().get_run(old_run_id).info.status == "FINISHED"  # not reopened
+
+    other_store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other_store)
+    moved = CliRunner().invoke(cli.train, cli_args({**flags, "epochs": 2, "resume": True}))
+    assert moved.exit_code == 0, moved.output
+    new_run = MlflowClient(other_store).get_run((out / RUN_ID_FILE).read_text().strip())
+    assert new_run.info.run_id != old_run_id and new_run.info.status == "FINISHED"
+    assert new_run.data.tags["resumed_from_run_id"] == old_run_id
+    assert new_run.data.params["latent_dim"] == "4"
+    assert torch.load(out / "checkpoint_epoch_2.pt", weights_only=True)["epoch"] == 2

@@ -1,0 +1,177 @@
+"""`atari-vae train` end to end: real ALE frames, a tiny model, a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+import atari_vae
+from atari_vae import cli, registry
+from atari_vae.config import TrainConfig
+from atari_vae.jobs import RUN_ID_FILE
+from atari_vae.model import VAE
+from tests.conftest import REPO, tiny_train_flags
+
+EPOCHS, CHECKPOINT_FREQ = 3, 2
+EPOCH_METRICS = ("train_loss", "val_loss", "train_recon", "val_recon", "train_kl", "val_kl",
+                 "val_psnr", "val_accuracy")
+
+
+@dataclass
+class TrainedRun:
+    out: Path
+    uri: str
+    run: Run
+    flags: dict[str, object]
+    stderr: str
+
+
+def cli_args(flags: dict[str, object]) -> list[str]:
+    """``--key value`` pairs for a flags dict (booleans as bare switches)."""
+    args = []
+    for key, value in flags.items():
+        if value is True:
+            args.append(f"--{key}")
+        elif value is not False:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, frame_cache: Path) -> TrainedRun:
+    """One real run of the installed `atari-vae train` command, shared by this module."""
+    root = tmp_path_factory.mktemp("train-e2e")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    flags = tiny_train_flags(root / "out", epochs=EPOCHS, checkpoint_freq=CHECKPOINT_FREQ,
+                             env_name="ALE/Breakout-v5")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "ATARI_VAE_CACHE_DIR": str(frame_cache)}
+    env.pop("MLFLOW_RUN_ID", None)
+    exe = Path(sys.executable).with_name("atari-vae")
+    result = subprocess.run([str(exe), "train", *cli_args(flags)], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = (root / "out" / RUN_ID_FILE).read_text().strip()
+    return TrainedRun(root / "out", uri, MlflowClient(uri).get_run(run_id), flags, result.stderr)
+
+
+def test_every_output_file_is_written(trained):
+    names = {p.name for p in trained.out.iterdir()}
+    expected = {"best_model.pt", "final_model.pt", "checkpoint_epoch_2.pt",
+                "checkpoint_epoch_3.pt", "training_curves.png", "reconstructions_epoch_2.png",
+                "reconstructions_epoch_3.png", "final_reconstructions.png", RUN_ID_FILE}
+    assert names == expected  # also: no checkpoint for epoch 1, no leftover temp files
+    for name in names - {RUN_ID_FILE}:
+        head = (trained.out / name).read_bytes()[:8]
+        assert head.startswith(b"\x89PNG" if name.endswith(".png") else b"PK"), name
+
+
+def test_best_and_final_models_load_as_plain_state_dicts_into_the_documented_vae(trained):
+    for name in ("best_model.pt", "final_model.pt"):
+        vae = VAE(input_shape=(3, 64, 64), latent_dim=8)
+        vae.load_state_dict(torch.load(trained.out / name, weights_only=True))
+        x_hat, mu, _ = vae.eval()(atari_vae.preprocess(torch.zeros(210, 160, 3,
+                                                                   dtype=torch.uint8)))
+        assert x_hat.shape == (1, 3, 64, 64) and mu.shape == (1, 8)
+
+
+def test_checkpoint_holds_full_training_state_and_loads_with_weights_only(trained):
+    ckpt = torch.load(trained.out / "checkpoint_epoch_3.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "torch_rng", "order_rng",
+            "config", "history"} <= set(ckpt)
+    assert ckpt["epoch"] == EPOCHS
+    assert ckpt["config"] == asdict(TrainConfig(**trained.flags))
+    assert ckpt["optimizer"]["state"], "Adam moments must be saved to resume exactly"
+    assert [h["epoch"] for h in ckpt["history"]] == [1, 2, 3]
+    final = torch.load(trained.out / "final_model.pt", weights_only=True)
+    assert all(torch.equal(final[k], v) for k, v in ckpt["model"].items())
+    early = torch.load(trained.out / "checkpoint_epoch_2.pt", weights_only=True)
+    assert early["epoch"] == 2
+    assert not torch.equal(early["model"]["to_mu.weight"], ckpt["model"]["to_mu.weight"])
+
+
+def test_best_model_is_the_epoch_with_the_lowest_validation_loss(trained):
+    ckpt = torch.load(trained.out / "checkpoint_epoch_3.pt", weights_only=True)
+    val_losses = [h["val_loss"] for h in ckpt["history"]]
+    assert ckpt["best_epoch"] == 1 + val_losses.index(min(val_losses))
+    snapshot = {2: "checkpoint_epoch_2.pt", 3: "checkpoint_epoch_3.pt"}.get(ckpt["best_epoch"])
+    if snapshot:  # the best epoch was checkpointed: best_model.pt must be that model
+        best = torch.load(trained.out / "best_model.pt", weights_only=True)
+        at_best = torch.load(trained.out / snapshot, weights_only=True)["model"]
+        assert all(torch.equal(best[k], v) for k, v in at_best.items())
+
+
+def test_mlflow_run_finished_with_every_flag_as_a_param(trained):
+    assert trained.run.info.status == "FINISHED"
+    expected = {k: str(v) for k, v in asdict(TrainConfig(**trained.flags)).items()}
+    assert trained.run.data.params == expected
+
+
+def test_mlflow_run_has_one_value_per_epoch_for_each_loss_and_quality_metric(trained):
+    client = MlflowClient(trained.uri)
+    for key in EPOCH_METRICS:
+        history = client.get_metric_history(trained.run.info.run_id, key)
+        assert [m.step for m in history] == list(range(1, EPOCHS + 1)), key
+    final = trained.run.data.metrics
+    assert {"psnr", "accuracy", "baseline_psnr", "fg_accuracy", "baseline_fg_accuracy"} <= set(
+        final)
+    assert 0.0 <= final["accuracy"] <= 1.0 and final["psnr"] > 10
+
+
+def test_mlflow_run_is_tagged_with_game_version_and_commit(trained):
+    tags = trained.run.data.tags
+    assert tags["game"] == "Breakout" and tags["job"] == "train"
+    assert tags["atari_vae_version"] == atari_vae.__version__
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
+    assert tags["git_commit"] == head
+
+
+def test_mlflow_run_holds_the_images_and_a_model_equal_to_best_model(trained, monkeypatch):
+    client = MlflowClient(trained.uri)
+    run_id = trained.run.info.run_id
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"training_curves.png", "final_reconstructions.png", "best_model.pt"} <= top
+    per_checkpoint = {a.path for a in client.list_artifacts(run_id, "reconstructions")}
+    assert per_checkpoint == {"reconstructions/reconstructions_epoch_2.png",
+                              "reconstructions/reconstructions_epoch_3.png"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.uri)
+    logged = registry.load_model(f"runs:/{run_id}/model")
+    best = torch.load(trained.out / "best_model.pt", weights_only=True)
+    assert all(torch.equal(v, best[k]) for k, v in logged.state_dict().items())
+
+
+def test_progress_is_logged_per_epoch_when_not_on_a_terminal(trained):
+    for epoch in range(1, EPOCHS + 1):
+        assert f"epoch {epoch}/{EPOCHS}" in trained.stderr
+
+
+def test_original_training_script_trains_and_logs_a_finished_run(tmp_path):
+    flags = tiny_train_flags(tmp_path / "out", epochs=1)
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / "train_atari_vae.py"),
+                             *cli_args(flags)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "final_model.pt").is_file()
+    run_id = (tmp_path / "out" / RUN_ID_FILE).read_text().strip()
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
+def test_nan_loss_stops_with_a_clear_error_and_the_run_ends_failed(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli.train, cli_args(tiny_train_flags(out, lr=1e30)))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    last = result.stderr.strip().splitlines()[-1]  # MLflow's own INFO lines may precede it
+    assert last.startswith("Error: train_loss became nan at epoch 1") and "--lr" in last
+    assert result.stderr.count("Error:") == 1 and "Traceback" not in result.output
+    run = MlflowClient().get_run((out / RUN_ID_FILE).read_text().strip())
+    assert run.info.status == "FAILED"
+    assert not list(out.glob("*.pt")), "no model saved from a diverged run"
