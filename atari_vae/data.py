@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,14 +14,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from atari_vae.envs import FRAMESKIP, STICKY_ACTION_PROB, Game, make_vector_env
+from atari_vae.envs import FRAME_SHAPE, FRAMESKIP, STICKY_ACTION_PROB, Game, make_vector_env
 from atari_vae.files import atomic_path
 
 log = logging.getLogger(__name__)
 
 # Bump when collection changes what frames a key yields, so stale caches are not reused.
-COLLECTOR_VERSION = 1
-MAX_PARALLEL_ENVS = 16
+COLLECTOR_VERSION = 2
+# Fixed (not per machine) so a seed yields the same frames everywhere. Few envs pay: each costs
+# two ROM loads (~0.1 s CPU each) and the unneeded envs' last steps are wasted; 4 keeps two
+# emulator threads busy.
+COLLECT_ENVS = 4
 
 
 @dataclass
@@ -60,42 +64,61 @@ class FrameSet:
 
 def collect_episodes(game: Game, num_episodes: int, max_steps: int, seed: int,
                      progress: bool = True) -> FrameSet:
-    """Play ``num_episodes`` random-policy episodes and keep every observation as 64x64 RGB."""
-    num_envs = min(num_episodes, MAX_PARALLEL_ENVS)
+    """Play ``num_episodes`` random-policy episodes and keep every observation as 64x64 RGB.
+
+    Episodes are numbered in the order they start (taking the first to finish would favour
+    short ones); bookkeeping is vectorised over envs so the emulator threads set the pace.
+    """
+    num_envs = min(num_episodes, COLLECT_ENVS)
     env = make_vector_env(game, num_envs, max_steps)
     rng = np.random.default_rng(seed)
+    episode = np.arange(num_envs)  # the episode each env is playing
+    step = np.zeros(num_envs, dtype=np.int64)
+    done = np.zeros(num_envs, dtype=bool)
+    started, finished, chunks = num_envs, 0, []
+    bar = tqdm(total=num_episodes, desc=f"collect {game.title}", unit="ep", disable=not progress)
     try:
         obs, _ = env.reset(seed=seed)
-        episodes: list[list[np.ndarray]] = []
-        current: list[list[np.ndarray]] = [[frame] for frame in obs[:, 0]]
-        bar = tqdm(total=num_episodes, desc=f"collect {game.title}", unit="ep",
-                   disable=not progress)
-        while len(episodes) < num_episodes:
-            actions = rng.integers(0, env.single_action_space.n, size=num_envs)
-            obs, _, terminated, truncated, _ = env.step(actions)
+        while True:
+            keep = (episode < num_episodes) & (step < max_steps)
+            chunks.append((obs[keep, 0], episode[keep], step[keep]))
+            if finished == num_episodes:
+                break
+            obs, _, terminated, truncated, _ = env.step(
+                rng.integers(0, env.single_action_space.n, size=num_envs))
+            step += 1
+            if done.any():  # NEXT_STEP autoreset: these observations start new episodes
+                episode[done] = np.arange(started, started + int(done.sum()))
+                step[done] = 0
+                started += int(done.sum())
             done = terminated | truncated
-            for i in range(num_envs):
-                if current[i] is None:  # NEXT_STEP autoreset: this obs starts a new episode
-                    current[i] = [obs[i, 0]]
-                    continue
-                if len(current[i]) < max_steps:
-                    current[i].append(obs[i, 0])
-                if done[i]:
-                    episodes.append(current[i])
-                    current[i] = None
-                    bar.update(1)
-        bar.close()
+            newly = int((done & (episode < num_episodes)).sum())
+            finished += newly
+            bar.update(newly)
     finally:
+        bar.close()
         env.close()
-    return _to_frameset(episodes[:num_episodes], game)
+    return _to_frameset(chunks, game)
 
 
-def _to_frameset(episodes: list[list[np.ndarray]], game: Game) -> FrameSet:
-    frames = torch.from_numpy(np.stack([f for ep in episodes for f in ep])).permute(0, 3, 1, 2)
-    episode_ids = torch.cat([torch.full((len(ep),), i) for i, ep in enumerate(episodes)])
-    steps = torch.cat([torch.arange(len(ep)) for ep in episodes])
-    return FrameSet(frames.contiguous(), episode_ids, steps, torch.zeros_like(steps),
-                    (game.title,))
+def _to_frameset(chunks: list[tuple[np.ndarray, ...]], game: Game) -> FrameSet:
+    """Rows of (NHWC frames, episode, step) sorted by episode and step into one NCHW array.
+
+    One fused scatter-transpose copy: torch's uint8 NHWC->NCHW ``contiguous()`` is ~10x slower.
+    """
+    episode_ids = np.concatenate([chunk[1] for chunk in chunks])
+    steps = np.concatenate([chunk[2] for chunk in chunks])
+    order = np.lexsort((steps, episode_ids))
+    dest = np.empty_like(order)
+    dest[order] = np.arange(len(order))
+    frames = np.empty((len(order), *FRAME_SHAPE), dtype=np.uint8)
+    start = 0
+    for obs, _, _ in chunks:
+        frames[dest[start:start + len(obs)]] = obs.transpose(0, 3, 1, 2)
+        start += len(obs)
+    steps_t = torch.from_numpy(steps[order])
+    return FrameSet(torch.from_numpy(frames), torch.from_numpy(episode_ids[order]), steps_t,
+                    torch.zeros_like(steps_t), (game.title,))
 
 
 def cache_dir() -> Path:
@@ -128,7 +151,7 @@ def load_or_collect(game: Game, num_episodes: int, max_steps: int, seed: int,
                                 torch.from_numpy(npz["steps"]),
                                 torch.zeros(len(npz["steps"]), dtype=torch.int64),
                                 (game.title,))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # truncated file
             log.warning("ignoring unreadable cache file %s (%s); collecting again", path, exc)
     frames = collect_episodes(game, num_episodes, max_steps, seed, progress)
     try:

@@ -38,13 +38,16 @@ def pixel_weights(x: torch.Tensor, background: torch.Tensor, fg_weight: float,
                   x_hat: torch.Tensor | None = None) -> torch.Tensor:
     """(N, 1, H, W) weights: ``fg_weight`` where target or reconstruction is foreground, else 1.
 
-    Weighting the reconstruction's foreground too makes a smeared, hedged object (a faint
-    paddle across the whole row) as costly as a missing one.
+    Weighting the reconstruction's foreground too makes a hedged object (a faint paddle smeared
+    along its row or column) as costly as a missing one. On the reconstruction side the weight
+    ramps up with the deviation from the background, so faint smears under the 0.1 threshold
+    are not free either.
     """
-    fg = foreground_mask(x, background)
+    fg = foreground_mask(x, background).to(x.dtype)
     if x_hat is not None:
-        fg |= foreground_mask(x_hat.detach().float(), background)
-    return 1.0 + (fg_weight - 1.0) * fg.to(x.dtype)
+        deviation = (x_hat.detach().float() - background).abs().amax(dim=1, keepdim=True)
+        fg = torch.maximum(fg, (deviation / FG_THRESHOLD).clamp(max=1.0))
+    return 1.0 + (fg_weight - 1.0) * fg
 
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -32,12 +32,28 @@ def configure(experiment_name: str | None = None) -> None:
     """Point MLflow at the tracking store (failing fast if a server is unreachable)."""
     import mlflow
 
+    # MLflow sets its logger to INFO when imported; keep its chatter out of our log unless -v.
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
     if experiment_name and not os.environ.get("MLFLOW_RUN_ID"):
-        _set_experiment(experiment_name)
+        with local_store_lock("init"):  # parallel workers on a fresh mlflow.db race on its schema
+            _set_experiment(experiment_name)
+
+
+def local_store_lock(purpose: str, timeout: float = 900) -> contextlib.AbstractContextManager:
+    """A lock file beside a local SQLite store, shared by this machine's processes; a no-op for
+    remote stores."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    return FileLock(str(db.with_name(f".{db.name}.{purpose}.lock")), timeout=timeout)
 
 
 def _check_server(uri: str) -> None:
@@ -136,6 +152,43 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params to the active run (values as MLflow stores them: strings)."""
+    import mlflow
+
+    mlflow.log_params({k: "" if v is None else v for k, v in params.items()})
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """Set tags on the active run; unlike params they may be overwritten."""
+    import mlflow
+
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def run_exists(run_id: str) -> bool:
+    """True when the tracking store holds ``run_id`` as a run that can be continued."""
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:  # another store, or the run was purged
+        return False
+
+
+def mark_killed(run_id: str) -> None:
+    """End a run left RUNNING by a killed worker (and its parent) as KILLED."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with contextlib.suppress(Exception):  # best effort: the run may be gone or already ended
+        run = client.get_run(run_id)
+        for rid in (run_id, run.data.tags.get("mlflow.parentRunId")):
+            if rid and client.get_run(rid).info.status == "RUNNING":
+                client.set_terminated(rid, "KILLED")
+                log.info("marked MLflow run %s of a killed worker KILLED", rid)
 
 
 def log_files(paths: list[Path], artifact_path: str | None = None) -> None:

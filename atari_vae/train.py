@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import pickle
 import re
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from atari_vae.runtime import autocast, resolve_device, resolve_precision, seed_
 log = logging.getLogger(__name__)
 EVAL_BATCH = 512
 N_PREVIEW = 8
+# Typical gradient norms at the default loss scale are 30-100 (measured on Pong); rare spikes of
+# 10x that sent the KL to 10^4 nats and cost half a 15-epoch run. Clipping caps the spikes only.
+GRAD_CLIP_NORM = 100.0
 
 
 class TrainHooks(Protocol):
@@ -137,6 +141,7 @@ def _train_epoch(model, optimizer, scheduler, frames, game_ids, background, cfg,
         terms = vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
         optimizer.step()
         scheduler.step()
         sums += torch.stack([t.detach() for t in terms]) * len(x)
@@ -218,20 +223,38 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load_latest_checkpoint(out: Path, model, optimizer, scheduler,
-                           order_rng: torch.Generator) -> TrainingState:
-    """Restore model, optimizer, schedule, RNG states and history from the newest checkpoint."""
+def read_checkpoint(out: Path, latent_dim: int) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint in ``out`` (weights only), checked to fit a ``latent_dim`` model."""
     path = latest_checkpoint(out)
     if path is None:
         raise AtariVaeError(f"--resume: no checkpoint_epoch_*.pt in {out} to resume from")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ckpt["config"]["latent_dim"]
+        if saved != latent_dim:  # load_state_dict's own message is many lines long
+            raise ValueError(f"it was trained with --latent_dim {saved}, not {latent_dim}; "
+                             f"resume with the run's original flags")
+    except Exception as exc:  # truncated file, foreign file, other latent_dim
+        raise AtariVaeError(f"--resume: cannot restore {path}: {_reason(exc)}") from exc
+    return path, ckpt
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, pickle.UnpicklingError):  # torch's text advises weights_only=False
+        return "not a tensor-only torch file; pickled objects are never loaded"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def load_latest_checkpoint(out: Path, model, optimizer, scheduler,
+                           order_rng: torch.Generator) -> TrainingState:
+    """Restore model, optimizer, schedule, RNG states and history from the newest checkpoint."""
+    path, ckpt = read_checkpoint(out, model.latent_dim)
+    try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-    except Exception as exc:  # truncated file, foreign file, other latent_dim
-        raise AtariVaeError(f"--resume: cannot restore {path}: {str(exc).splitlines()[0]}") \
-            from exc
+    except Exception as exc:  # a foreign file that happens to have the keys
+        raise AtariVaeError(f"--resume: cannot restore {path}: {_reason(exc)}") from exc
     torch.set_rng_state(ckpt["torch_rng"])
     if ckpt["cuda_rng"]:
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source .venv/bin/activate
 export MLFLOW_DISABLE_TELEMETRY=true
-mlflow run . -e train --env-manager local \
+mlflow run . -e train --env-manager local --experiment-name atari-vae \
   -P env_name=Breakout -P num_episodes=5 -P epochs=10 -P batch_size=32 \
   -P output_dir=outputs/vae_training
 echo
