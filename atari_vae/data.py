@@ -76,7 +76,9 @@ def collect_episodes(game: Game, num_episodes: int, max_steps: int, seed: int,
     step = np.zeros(num_envs, dtype=np.int64)
     done = np.zeros(num_envs, dtype=bool)
     started, finished, chunks = num_envs, 0, []
-    bar = tqdm(total=num_episodes, desc=f"collect {game.title}", unit="ep", disable=not progress)
+    # disable=None: a bar on a terminal, silence in logs (mlflow run, CI); the cache logs a line.
+    bar = tqdm(total=num_episodes, desc=f"collect {game.title}", unit="ep",
+               disable=None if progress else True)
     try:
         obs, _ = env.reset(seed=seed)
         while True:

@@ -90,3 +90,14 @@ def score(reconstruct: Callable[[torch.Tensor], torch.Tensor], batches: Iterable
     results.update({f"baseline_{k}": v for k, v in baseline.compute().items()
                     if k != "fg_fraction"})
     return results
+
+
+def balanced_psnr(mse: float, fg_mse: float, fg_fraction: float) -> float:
+    """PSNR of (foreground MSE + background MSE) / 2: objects and backdrop weigh the same.
+
+    Background MSE is derived from the all-pixel ``mse`` and the foreground share of pixels.
+    """
+    if fg_fraction <= 0 or not math.isfinite(fg_mse):
+        return psnr_from_mse(mse)
+    bg_mse = max(mse - fg_fraction * fg_mse, 0.0) / (1.0 - fg_fraction)
+    return psnr_from_mse(0.5 * (fg_mse + bg_mse))

@@ -132,8 +132,8 @@ def tracked_run(run_name: str | None = None, tags: dict[str, str] | None = None,
 
 
 def _end(mlflow: Any, status: str) -> None:
-    with contextlib.suppress(Exception):
-        mlflow.flush_async_logging()
+    # end_run drains the async metric queue itself; flushing first would join MLflow's logging
+    # thread twice, and each join waits out the thread's 1 s queue poll (measured: ~1 s a run).
     mlflow.end_run(status=status)
 
 

@@ -1,0 +1,56 @@
+"""The champion comparison: register a tuned model, score it and the current champion on the
+same fixed fresh frames, and move the ``champion`` alias only if the new one wins.
+
+The score is the tuning objective's measure (``metrics.balanced_psnr``) on ``eval_samples``
+frames of new random-policy episodes from the evaluate job's default seed, so every study of a
+game compares its models on the same frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from atari_vae import registry
+from atari_vae.config import EvaluateConfig
+from atari_vae.envs import Game
+from atari_vae.metrics import balanced_psnr
+from atari_vae.model import VAE
+
+log = logging.getLogger(__name__)
+EVAL_KEY_VERSION = 1  # bump when the comparison changes, so old scores are not compared
+
+
+class HeldOutScorer:
+    """Balanced PSNR on fixed fresh frames (evaluate's default seed): the champion comparison."""
+
+    def __init__(self, games: list[Game], num_samples: int) -> None:
+        self.games = games
+        self.eval_cfg = EvaluateConfig(num_samples=num_samples, device="cpu")
+        self.key = (f"v{EVAL_KEY_VERSION} balanced_psnr {'+'.join(g.title for g in games)} "
+                    f"seed={self.eval_cfg.seed} n={num_samples} "
+                    f"max_steps={self.eval_cfg.max_steps}")
+
+    def __call__(self, model: VAE) -> float:
+        from atari_vae.evaluate import evaluate_game
+
+        scores = []
+        for game in self.games:
+            m = evaluate_game(model, game, dataclasses.replace(self.eval_cfg,
+                                                               env_name=game.title)).metrics
+            scores.append(balanced_psnr(m["mse"], m["fg_mse"], m["fg_fraction"]))
+        return sum(scores) / len(scores)
+
+
+def register_candidate(model_uri: str, run_id: str, name: str, games: list[Game],
+                       eval_samples: int, tags: dict[str, Any],
+                       description: str) -> registry.ChampionDecision:
+    """Register a logged model and give it ``champion`` only if it beats the current one."""
+    version = registry.register_version(model_uri, name, run_id, tags, description)
+    scorer = HeldOutScorer(games, eval_samples)
+    decision = registry.promote_if_better(name, version, scorer, scorer.key)
+    say = log.info if decision.moved else log.warning
+    say("%s version %s %s champion: %s", name, version,
+        "is" if decision.moved else "is registered but not", decision.reason)
+    return decision
