@@ -119,11 +119,34 @@ def resize_uint8(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
             f"expected uint8 frames of shape (H, W, 3) or (N, H, W, 3), got "
             f"{tuple(frames.shape)} {frames.dtype}")
     _, height, width, _ = frames.shape
+    if (height, width) == RAW_SHAPE[:2]:
+        return _resize_raw(frames)
     rows = _area_matrix(height, FRAME_SHAPE[1])
     cols = _area_matrix(width, FRAME_SHAPE[2])
     # float64 keeps the rounding identical to ALE's resize (float32 flips a few half-way pixels).
     resized = rows @ frames.permute(0, 3, 1, 2).double() @ cols.T
     return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+@functools.cache
+def _area_counts(n_in: int, n_out: int) -> torch.Tensor:
+    """``_area_matrix`` times ``n_in``: small integers (overlaps in 1/64ths), as float32."""
+    return (_area_matrix(n_in, n_out) * n_in).round().float()
+
+
+def _resize_raw(frames: torch.Tensor) -> torch.Tensor:
+    """The area resize of (N, 210, 160, 3) frames in exact integer arithmetic on float32.
+
+    With integer weights every product and partial sum is an integer below 2^24, exact in
+    float32; the true mean is k/525 and never within 1e-3 of a .5 tie, so rounding matches the
+    float64 path bit for bit, ~3x faster (and rows are summed before the NHWC->NCHW permute).
+    """
+    n, height, width, _ = frames.shape
+    rows = _area_counts(height, FRAME_SHAPE[1])
+    cols = _area_counts(width, FRAME_SHAPE[2])
+    summed = (rows @ frames.float().reshape(n, height, width * 3))
+    summed = summed.reshape(n, FRAME_SHAPE[1], width, 3).permute(0, 3, 1, 2) @ cols.T
+    return summed.div_(height * width).round_().to(torch.uint8)
 
 
 def to_float(frames_uint8: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,38 @@ def configure(experiment_name: str | None = None) -> None:
     mlflow.set_tracking_uri(uri)
     if experiment_name and not os.environ.get("MLFLOW_RUN_ID"):
         with local_store_lock("init"):  # parallel workers on a fresh mlflow.db race on its schema
+            _create_sqlite_store(uri)
             _set_experiment(experiment_name)
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Build a new SQLite store's schema in a side file, then link it into place.
+
+    MLflow's schema migrations commit one by one, each with an fsync: 5.2 s wall for 1.5 s CPU
+    here. A side file with synchronous=OFF that appears only when complete takes 1.4 s.
+    """
+    path = Path(uri[len("sqlite:///"):])
+    if not uri.startswith("sqlite:///") or "?" in uri or path.exists():
+        return
+    try:
+        from mlflow.store.db.utils import _initialize_tables  # private: fall back if it moves
+        from sqlalchemy import create_engine, event
+    except ImportError:
+        return
+    side = path.with_name(f".{path.name}.{os.getpid()}.new")
+    engine = create_engine(f"sqlite:///{side}")
+    event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA synchronous=OFF"))
+    try:
+        _initialize_tables(engine)
+        engine.dispose()
+        with open(side, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.link(side, path)  # never replaces a store another process made meanwhile
+    except Exception as exc:  # MLflow then creates the store itself, the slow way
+        log.debug("fast creation of %s skipped: %s", path, exc)
+    finally:
+        engine.dispose()
+        side.unlink(missing_ok=True)
 
 
 def local_store_lock(purpose: str, timeout: float = 900) -> contextlib.AbstractContextManager:
@@ -148,10 +179,15 @@ def log_config(cfg: Any) -> None:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """Log metrics without blocking the caller (MLflow's async logging queue)."""
+    """Log metrics; through MLflow's async queue for servers, so they cannot stall training.
+
+    A local SQLite store is written directly (~20 ms a call): with the async queue every
+    end_run waits up to 1 s for MLflow's logging thread to wake from its queue poll.
+    """
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=False)
+    local = tracking_uri().startswith(("sqlite:", "file:"))
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=local)
 
 
 def log_params(params: dict[str, Any]) -> None:

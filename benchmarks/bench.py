@@ -1,0 +1,355 @@
+"""atari-vae speed benchmark: every figure of issue 7 in one process tree, printed as a table.
+
+    .venv/bin/python benchmarks/bench.py                 # everything, ~5 min on 2 quiet cores
+    .venv/bin/python benchmarks/bench.py --only collect,train --json out.json
+
+Sections: machine, peak (matmul GFLOP/s), train (images/s and share of peak), collect (frames/s),
+planner (encode latency), quick (the quick test through `atari-vae train`), samejob (`atari-vae
+train` vs benchmarks/plain_baseline.py, and bf16 vs fp32 quality), tune (a 20-trial study).
+Wall-clock figures depend on what else runs: the table shows the load average beside each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SECTIONS = ("machine", "peak", "train", "collect", "planner", "quick", "samejob", "tune")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ROWS: list[dict] = []
+
+
+def row(section: str, figure: str, value: float | str, unit: str = "", note: str = "") -> None:
+    """Record one figure (with the 1-minute load average at the time) and echo it."""
+    load = os.getloadavg()[0]
+    ROWS.append({"section": section, "figure": figure, "value": value, "unit": unit,
+                 "note": note, "load": round(load, 1)})
+    shown = f"{value:,.4g}" if isinstance(value, float) else str(value)
+    print(f"[{section}] {figure}: {shown} {unit}  {note}  (load {load:.1f})", file=sys.stderr,
+          flush=True)
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def thread_counts() -> list[int]:
+    return sorted({1, torch.get_num_threads()})
+
+
+# ---------------------------------------------------------------- machine and matmul peak
+def bench_machine(ctx: dict) -> None:
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    from atari_vae.runtime import cpu_has_fast_bf16
+
+    row("machine", "cpu", model, note=f"{os.cpu_count()} logical cores, "
+        f"{len(os.sched_getaffinity(0))} usable, avx512_bf16/amx={cpu_has_fast_bf16()}")
+    row("machine", "torch", torch.__version__, note=f"{torch.get_num_threads()} intra-op threads")
+    cpu_max = Path("/sys/fs/cgroup/cpu.max")
+    if cpu_max.exists():
+        row("machine", "cgroup cpu.max", cpu_max.read_text().strip())
+
+
+def bench_peak(ctx: dict) -> None:
+    """Big square matmuls: the roofline the training figures are measured against."""
+    n = 2048
+    for threads in thread_counts():
+        torch.set_num_threads(threads)
+        for name, dtype in PRECISIONS.items():
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            seconds = min(median_time(lambda a=a, b=b: torch.mm(a, b), 3, 1) for _ in range(3))
+            gflops = 2 * n**3 / seconds / 1e9
+            ctx["peak", name, threads] = gflops
+            row("peak", f"matmul {name}, {threads} thread(s)", gflops, "GFLOP/s")
+    torch.set_num_threads(ctx["threads"])
+
+
+# ---------------------------------------------------------------- training throughput
+def bench_frames(ctx: dict):
+    """20 cached Breakout episodes (the bench's own cache), split by episode."""
+    from atari_vae.data import load_or_collect, split_by_episode
+    from atari_vae.envs import resolve_game
+
+    if "frames" not in ctx:
+        frames = load_or_collect(resolve_game("Breakout"), 20, 1000, 42, progress=False)
+        ctx["frames"] = split_by_episode(frames, 0.1, 42)
+    return ctx["frames"]
+
+
+def flops_per_image(batch: int = 32) -> float:
+    """Forward + backward FLOPs of one image (convs and matmuls, as FlopCounterMode counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from atari_vae.model import VAE
+
+    model = VAE()
+    x = torch.rand(batch, 3, 64, 64)
+    with FlopCounterMode(display=False) as counter:
+        x_hat, mu, logvar = model(x)
+        (x_hat.sum() + mu.sum() + logvar.sum()).backward()
+    return counter.get_total_flops() / batch
+
+
+def bench_train(ctx: dict) -> None:
+    """images/s of the real training step (train._train_epoch) per precision, layout, threads."""
+    from atari_vae import train
+    from atari_vae.config import TrainConfig
+    from atari_vae.metrics import reference_frames
+    from atari_vae.model import VAE
+
+    train_set, _ = bench_frames(ctx)
+    flops = flops_per_image()
+    row("train", "model FLOPs per image, forward+backward", flops / 1e9, "GFLOP")
+    cfg = TrainConfig(batch_size=128)
+    subset = train_set.subset(torch.arange(min(len(train_set), 8 * cfg.batch_size)))
+    warm = train_set.subset(torch.arange(2 * cfg.batch_size))
+    _, background = reference_frames(subset.frames_uint8)
+    for threads in thread_counts():
+        torch.set_num_threads(threads)
+        for name, dtype in PRECISIONS.items():
+            for layout in ("contiguous", "channels_last"):
+                torch.manual_seed(0)
+                model = VAE(latent_dim=cfg.latent_dim)
+                model.init_output_bias(background)
+                if layout == "channels_last":
+                    model = model.to(memory_format=torch.channels_last)
+                opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+                gen = torch.Generator().manual_seed(0)
+
+                def epoch(data=subset, model=model, opt=opt, sched=sched, gen=gen, dtype=dtype):
+                    train._train_epoch(model, opt, sched, data.frames_uint8, data.game_ids,
+                                       background, cfg, gen, dtype)
+
+                epoch(warm)
+                seconds = min(median_time(epoch, 1, 0) for _ in range(2))
+                rate = len(subset) / seconds
+                peak = ctx.get(("peak", name, threads))
+                share = f"{rate * flops / 1e9 / peak:.0%} of {name} matmul peak" if peak else ""
+                row("train", f"{name} {layout}, {threads} thread(s), batch 128", rate,
+                    "images/s", share)
+    torch.set_num_threads(ctx["threads"])
+
+
+# ---------------------------------------------------------------- collection
+def bench_collect(ctx: dict) -> None:
+    """frames/s of data.collect_episodes (no cache) beside the bare emulator's rate."""
+    from atari_vae import data
+    from atari_vae.envs import make_vector_env, resolve_game
+
+    game = resolve_game("Breakout")
+    env = make_vector_env(game, data.COLLECT_ENVS, 1000)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    steps = 1000
+    started = time.perf_counter()
+    for _ in range(steps):
+        env.step(rng.integers(0, env.single_action_space.n, size=data.COLLECT_ENVS))
+    emulator = steps * data.COLLECT_ENVS / (time.perf_counter() - started)
+    env.close()
+    row("collect", f"emulator alone ({data.COLLECT_ENVS} envs, steady state)", emulator,
+        "frames/s", "64x64 RGB, resized in ALE's C++ threads")
+    for episodes in (100, 20):
+        started = time.perf_counter()
+        frames = data.collect_episodes(game, episodes, 1000, 42, progress=False)
+        rate = len(frames) / (time.perf_counter() - started)
+        row("collect", f"collect_episodes, {episodes} Breakout episodes", rate, "frames/s",
+            f"{len(frames)} frames, incl. env start-up; target >= 4000")
+
+
+# ---------------------------------------------------------------- planner latency
+def bench_planner(ctx: dict) -> None:
+    """preprocess + encode of raw (210, 160, 3) observations, median wall time."""
+    from atari_vae import VAE, preprocess
+
+    model = VAE().eval()
+    rng = np.random.default_rng(0)
+    for threads in thread_counts():
+        torch.set_num_threads(threads)
+        for batch, repeats in ((1, 200), (256, 20)):
+            raw = rng.integers(0, 256, size=(batch, 210, 160, 3), dtype=np.uint8)
+            obs = raw[0] if batch == 1 else raw
+
+            def encode(obs=obs):
+                with torch.inference_mode():
+                    return model.encode(preprocess(obs))[0]
+
+            seconds = median_time(encode, repeats, 3)
+            row("planner", f"preprocess + encode, batch {batch}, {threads} thread(s)",
+                seconds * 1e3, "ms", f"median of {repeats}; {batch / seconds:,.0f} obs/s")
+    torch.set_num_threads(ctx["threads"])
+
+
+# ---------------------------------------------------------------- end-to-end jobs
+def run_job(name: str, args: list[str], workdir: Path, cache: str) -> tuple[float, str]:
+    """Run a command in ``workdir`` with its own frame cache; (wall seconds, combined log)."""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "ATARI_VAE_CACHE_DIR": cache,
+           "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    started = time.perf_counter()
+    proc = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    log = proc.stdout + proc.stderr
+    (workdir / f"{name}.log").write_text(log)
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed ({proc.returncode}); log: {workdir / name}.log")
+    return seconds, log
+
+
+def epoch_seconds(log: str) -> float:
+    """Sum of the per-epoch times `atari-vae train` logs (training + validation only)."""
+    return sum(float(s) for s in re.findall(r"epoch \d+/\d+ .* ([\d.]+)s\s*$", log, re.M))
+
+
+def cli(*args: str) -> list[str]:
+    return [str(VENV_BIN / "atari-vae"), *args]
+
+
+def bench_quick(ctx: dict) -> None:
+    """The quick test through the CLI, with a fresh frame cache and a fresh mlflow.db."""
+    work = ctx["workdir"]
+    if (work / "mlflow.db").exists():  # a re-used --workdir: start from an empty store anyway
+        work = Path(tempfile.mkdtemp(prefix="quick-", dir=work))
+    seconds, log = run_job("quick", cli(
+        "train", "--num_episodes", "5", "--epochs", "10", "--batch_size", "32",
+        "--output_dir", "quick"), work, str(work / "cache-quick"))
+    epochs = epoch_seconds(log)
+    row("quick", "quick test wall (5 ep, 10 epochs, batch 32)", seconds, "s",
+        f"epochs {epochs:.1f} s, the rest {seconds - epochs:.1f} s; fresh mlflow.db; "
+        f"target <= 30")
+
+
+def held_out(ctx: dict):
+    """1000 frames of fresh Breakout episodes plus the mean frame and background to score with."""
+    from atari_vae.envs import resolve_game
+    from atari_vae.evaluate import REFERENCE_SEED_OFFSET, evenly_spaced, fresh_frames
+    from atari_vae.metrics import reference_frames
+
+    game, seed = resolve_game("Breakout"), 10_000
+    frames = evenly_spaced(fresh_frames(game, 1000, 1000, seed, progress=False), 1000)
+    reference = fresh_frames(game, 1000, 1000, seed + REFERENCE_SEED_OFFSET, progress=False)
+    return frames.frames_uint8, *reference_frames(reference.frames_uint8)
+
+
+def score_file(path: Path, frames, mean_frame, background) -> dict[str, float]:
+    from atari_vae.evaluate import score_model
+    from atari_vae.registry import load_state_file
+
+    return score_model(load_state_file(path), frames, mean_frame, background)[0]
+
+
+def bench_samejob(ctx: dict) -> None:
+    """20 episodes, 3 epochs, batch 128, save: `atari-vae train` vs the plain way, same quality."""
+    work = ctx["workdir"]
+    job = ["--num_episodes", "20", "--epochs", "3", "--batch_size", "128"]
+    if not (work / "mlflow.db").exists():  # a user's store exists after the first run
+        run_job("warm-store", cli("train", "--num_episodes", "2", "--epochs", "1",
+                                        "--output_dir", "warm"), work, str(work / "cache-warm"))
+    runs = {
+        "atari-vae train (auto precision)": cli("train", *job, "--output_dir", "ours"),
+        "atari-vae train --precision fp32": cli("train", *job, "--precision", "fp32",
+                                                      "--output_dir", "ours-fp32"),
+        "plain way (benchmarks/plain_baseline.py)": [
+            sys.executable, str(ROOT / "benchmarks" / "plain_baseline.py"), *job,
+            "--out", "plain"],
+    }
+    held = held_out(ctx)
+    walls, scores = {}, {}
+    for (name, args), out in zip(runs.items(), ("ours", "ours-fp32", "plain"), strict=True):
+        walls[name], _ = run_job(out, args, work, str(work / f"cache-{out}"))
+        scores[name] = score_file(work / out / "final_model.pt", *held)
+    plain = walls["plain way (benchmarks/plain_baseline.py)"]
+    timing = json.loads((work / "plain" / "timing.json").read_text())
+    row("samejob", "plain way: per-frame gym + PIL collection", timing["frames"] /
+        timing["collect_s"], "frames/s")
+    for name, wall in walls.items():
+        m = scores[name]
+        row("samejob", f"{name} wall", wall, "s",
+            f"{plain / wall:.2f}x the plain way; held-out psnr {m['psnr']:.2f} dB "
+            f"(mean frame {m['baseline_psnr']:.2f}), fg_accuracy {m['fg_accuracy']:.3f} "
+            f"(mean frame {m['baseline_fg_accuracy']:.3f})")
+
+
+def bench_tune(ctx: dict) -> None:
+    """A 20-trial quick study (3 episodes, 2 epochs), frames collected once per study."""
+    import importlib.util
+
+    if importlib.util.find_spec("atari_vae.tune") is None:
+        row("tune", "20-trial study", "n/a", note="atari_vae.tune not available yet")
+        return
+    work = ctx["workdir"]
+    seconds, _ = run_job("tune", cli(
+        "tune", "--n_trials", "20", "--num_episodes", "3", "--epochs", "2",
+        "--study_name", "bench", "--storage", f"sqlite:///{work / 'optuna.db'}",
+        "--model_name", "bench-breakout", "--output_dir", "tune"), work, str(work / "cache-tune"))
+    row("tune", "20-trial study wall (3 episodes, 2 epochs)", seconds, "s",
+        f"{seconds / 20:.1f} s per trial incl. registration")
+
+
+# ---------------------------------------------------------------- driver
+def print_table() -> None:
+    print(f"\n{'section':<8} {'figure':<58} {'value':>12} {'unit':<9} {'load':>4}  note")
+    for r in ROWS:
+        value = f"{r['value']:,.4g}" if isinstance(r["value"], float) else str(r["value"])
+        print(f"{r['section']:<8} {r['figure'][:58]:<58} {value:>12} {r['unit']:<9} "
+              f"{r['load']:>4}  {r['note']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="atari-vae speed benchmark (issue 7).")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--skip", default="", help="comma-separated sections to leave out")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--workdir", type=Path, help="keep job outputs here (default: temp)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads here and OMP_NUM_THREADS in jobs (default: torch's)")
+    args = parser.parse_args()
+    chosen = [s for s in args.only.split(",") if s and s not in args.skip.split(",")]
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if args.threads:  # jobs read OMP_NUM_THREADS; this process is set directly
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="atari-vae-bench-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        os.environ["ATARI_VAE_CACHE_DIR"] = str(work / "cache-bench")
+        ctx = {"workdir": work.resolve(), "threads": torch.get_num_threads()}
+        started = time.perf_counter()
+        for section in SECTIONS:
+            if section in chosen:
+                globals()[f"bench_{section}"](ctx)
+        row("total", "benchmark wall", time.perf_counter() - started, "s")
+    print_table()
+    if args.json:
+        args.json.write_text(json.dumps(ROWS, indent=2))
+
+
+if __name__ == "__main__":
+    main()
