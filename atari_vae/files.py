@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,3 +32,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def load_error_reason(exc: Exception) -> str:
+    """One line saying why a ``torch.load(..., weights_only=True)`` of a model file failed."""
+    if isinstance(exc, pickle.UnpicklingError):  # torch's text advises weights_only=False
+        return "not a tensor-only torch file; pickled objects are never loaded"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

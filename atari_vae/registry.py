@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import torch
 
 from atari_vae.envs import FRAME_SHAPE
 from atari_vae.errors import AtariVaeError
-from atari_vae.files import atomic_path, atomic_write_text
+from atari_vae.files import atomic_path, atomic_write_text, load_error_reason
 from atari_vae.model import VAE, latent_dim_of
 
 log = logging.getLogger(__name__)
@@ -112,10 +111,8 @@ def load_state_file(path: Path, device: str | torch.device = "cpu") -> VAE:
         model = VAE(FRAME_SHAPE, latent_dim_of(state))
         model.load_state_dict(state)
     except Exception as exc:  # truncated, foreign, or not a VAE state_dict
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, pickle.UnpicklingError):  # torch's text advises weights_only=False
-            first = "not a tensor-only torch file; pickled objects are never loaded"
-        raise AtariVaeError(f"{path} is not a readable atari-vae model ({first[:200]})") from exc
+        reason = load_error_reason(exc)[:200]
+        raise AtariVaeError(f"{path} is not a readable atari-vae model ({reason})") from exc
     return model.to(device).eval()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import pickle
 import re
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from atari_vae.config import TrainConfig
 from atari_vae.data import FrameSet, balanced_order
 from atari_vae.envs import FRAME_SHAPE, to_float
 from atari_vae.errors import AtariVaeError, NonFiniteLossError
-from atari_vae.files import atomic_path
+from atari_vae.files import atomic_path, load_error_reason
 from atari_vae.losses import pixel_weights, vae_loss
 from atari_vae.metrics import reference_frames, score
 from atari_vae.model import VAE
@@ -237,14 +236,8 @@ def read_checkpoint(out: Path, latent_dim: int) -> tuple[Path, dict[str, Any]]:
             raise ValueError(f"it was trained with --latent_dim {saved}, not {latent_dim}; "
                              f"resume with the run's original flags")
     except Exception as exc:  # truncated file, foreign file, other latent_dim
-        raise AtariVaeError(f"--resume: cannot restore {path}: {_reason(exc)}") from exc
+        raise AtariVaeError(f"--resume: cannot restore {path}: {load_error_reason(exc)}") from exc
     return path, ckpt
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, pickle.UnpicklingError):  # torch's text advises weights_only=False
-        return "not a tensor-only torch file; pickled objects are never loaded"
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def load_latest_checkpoint(out: Path, model, optimizer, scheduler,
@@ -256,7 +249,7 @@ def load_latest_checkpoint(out: Path, model, optimizer, scheduler,
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
     except Exception as exc:  # a foreign file that happens to have the keys
-        raise AtariVaeError(f"--resume: cannot restore {path}: {_reason(exc)}") from exc
+        raise AtariVaeError(f"--resume: cannot restore {path}: {load_error_reason(exc)}") from exc
     torch.set_rng_state(ckpt["torch_rng"])
     if ckpt["cuda_rng"]:
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
