@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -17,6 +18,8 @@ from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
 from atari_vae.errors import AtariVaeError
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
+# A full disk or quota, a file over the size limit, a read-only file system: the user's to fix.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def _option(f: dataclasses.Field) -> Callable:
@@ -64,6 +67,14 @@ def friendly_errors(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except AtariVaeError as exc:
             click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            if exc.errno not in _STORAGE_ERRNOS:
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            click.echo(f"Error: could not write{where}: {exc.strerror or exc}; free some space "
+                       f"or choose another --output_dir (the MLflow run is marked FAILED)",
+                       err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted; the MLflow run is marked KILLED. Resume with --resume.",

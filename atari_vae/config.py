@@ -43,7 +43,8 @@ class TrainConfig(DataConfig):
     latent_dim: int = flag(32, "Size of the latent vector z.")
     batch_size: int = flag(128, "Frames per optimisation step.")
     epochs: int = flag(100, "Passes over the training frames.")
-    lr: float = flag(1e-3, "Adam learning rate (cosine-decayed to 5% over the run).")
+    lr: float = flag(
+        2e-3, "Adam learning rate: linear warm-up over the first epoch, then cosine decay to 5%.")
     val_split: float = flag(0.1, "Share of episodes held out for validation, in (0, 1).")
     kl_weight: float = flag(
         0.1,

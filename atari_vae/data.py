@@ -20,11 +20,17 @@ from atari_vae.files import atomic_path
 log = logging.getLogger(__name__)
 
 # Bump when collection changes what frames a key yields, so stale caches are not reused.
-COLLECTOR_VERSION = 2
-# Fixed (not per machine) so a seed yields the same frames everywhere. Few envs pay: each costs
-# two ROM loads (~0.1 s CPU each) and the unneeded envs' last steps are wasted; 4 keeps two
-# emulator threads busy.
-COLLECT_ENVS = 4
+COLLECTOR_VERSION = 3
+# Env counts are a function of the episode count only (not the machine), so a seed yields the
+# same frames everywhere: env i is seeded seed + i and draws actions from its own generator.
+# Each env costs ~0.14 s of single-threaded start-up (ROM load and reset), so short
+# collections use few; long ones use more, which the emulator threads step faster (measured).
+FEW_ENVS, MANY_ENVS, MANY_FROM_EPISODES = 4, 8, 50
+
+
+def collect_env_count(num_episodes: int) -> int:
+    """How many emulators collect ``num_episodes`` episodes side by side."""
+    return min(num_episodes, MANY_ENVS if num_episodes >= MANY_FROM_EPISODES else FEW_ENVS)
 
 
 @dataclass
@@ -63,44 +69,95 @@ class FrameSet:
 
 
 def collect_episodes(game: Game, num_episodes: int, max_steps: int, seed: int,
-                     progress: bool = True) -> FrameSet:
+                     progress: bool = True, batch_size: int = 0) -> FrameSet:
     """Play ``num_episodes`` random-policy episodes and keep every observation as 64x64 RGB.
 
-    Episodes are numbered in the order they start (taking the first to finish would favour
-    short ones); bookkeeping is vectorised over envs so the emulator threads set the pace.
+    Steps are asynchronous (half the envs at a time, so the emulator threads never wait for
+    Python); ``batch_size`` overrides that and never changes the frames.
     """
-    num_envs = min(num_episodes, COLLECT_ENVS)
-    env = make_vector_env(game, num_envs, max_steps)
-    rng = np.random.default_rng(seed)
-    episode = np.arange(num_envs)  # the episode each env is playing
-    step = np.zeros(num_envs, dtype=np.int64)
-    done = np.zeros(num_envs, dtype=bool)
-    started, finished, chunks = num_envs, 0, []
+    num_envs = collect_env_count(num_episodes)
+    batch_size = min(batch_size or max(1, num_envs // 2), num_envs)
+    env = make_vector_env(game, num_envs, max_steps, batch_size)
+    book = _EpisodeBook(num_envs, num_episodes, max_steps)
+    rngs = [np.random.default_rng([seed, i]) for i in range(num_envs)]
     # disable=None: a bar on a terminal, silence in logs (mlflow run, CI); the cache logs a line.
     bar = tqdm(total=num_episodes, desc=f"collect {game.title}", unit="ep",
                disable=None if progress else True)
     try:
-        obs, _ = env.reset(seed=seed)
+        obs, info = env.reset(seed=seed)
+        ended = np.zeros(len(obs), dtype=bool)
         while True:
-            keep = (episode < num_episodes) & (step < max_steps)
-            chunks.append((obs[keep, 0], episode[keep], step[keep]))
-            if finished == num_episodes:
+            env_ids = info["env_id"]
+            bar.update(max(0, book.file(obs[:, 0], env_ids, ended) - bar.n))
+            if book.complete():
                 break
-            obs, _, terminated, truncated, _ = env.step(
-                rng.integers(0, env.single_action_space.n, size=num_envs))
-            step += 1
-            if done.any():  # NEXT_STEP autoreset: these observations start new episodes
-                episode[done] = np.arange(started, started + int(done.sum()))
-                step[done] = 0
-                started += int(done.sum())
-            done = terminated | truncated
-            newly = int((done & (episode < num_episodes)).sum())
-            finished += newly
-            bar.update(newly)
+            actions = np.array([rngs[i].integers(env.single_action_space.n) for i in env_ids])
+            obs, _, terminated, truncated, info = env.step(actions)
+            ended = terminated | truncated
     finally:
         bar.close()
         env.close()
-    return _to_frameset(chunks, game)
+    return book.frameset(game)
+
+
+class _EpisodeBook:
+    """Files observations from asynchronous envs and picks the episodes to keep.
+
+    Episodes are ranked by the step of their env's own clock at which they start, ties by env:
+    the order a lockstep run would start them in, whatever the thread timing. The first
+    ``num_episodes`` are kept (taking the first to finish would favour short episodes).
+    """
+
+    def __init__(self, num_envs: int, num_episodes: int, max_steps: int) -> None:
+        self.num_episodes, self.max_steps = num_episodes, max_steps
+        self.clock = np.zeros(num_envs, dtype=np.int64)  # observations received per env
+        self.step = np.zeros(num_envs, dtype=np.int64)  # step within the current episode
+        self.episode = np.full(num_envs, -1)  # episodes started per env, minus one
+        self.starts: list[tuple[int, int, int]] = []  # (start clock, env, env's episode)
+        self.finished: set[tuple[int, int]] = set()  # (env, env's episode)
+        self.chosen: list[tuple[int, int, int]] | None = None
+        self.chunks: list[tuple[np.ndarray, ...]] = []
+        self._new = np.ones(num_envs, dtype=bool)  # the next observation starts an episode
+
+    def file(self, frames: np.ndarray, env_ids: np.ndarray, ended: np.ndarray) -> int:
+        """Record one batch (frames NHWC uint8); returns how many chosen episodes are over."""
+        new = env_ids[self._new[env_ids]]
+        self.episode[new] += 1
+        self.step[new] = 0
+        self.starts += zip(self.clock[new].tolist(), new.tolist(), self.episode[new].tolist())
+        steps = self.step[env_ids]
+        keep = steps < self.max_steps
+        self.chunks.append((frames[keep], env_ids[keep], self.episode[env_ids][keep],
+                            steps[keep]))
+        self.clock[env_ids] += 1
+        self.step[env_ids] += 1
+        self._new[env_ids] = ended
+        over = env_ids[ended]
+        self.finished.update(zip(over.tolist(), self.episode[over].tolist()))
+        if self.chosen is None and len(self.starts) >= self.num_episodes:
+            # No env can still start an episode before its clock: the earlier ones are final.
+            settled = sorted(s for s in self.starts if s[0] < self.clock.min())
+            if len(settled) >= self.num_episodes:
+                self.chosen = settled[:self.num_episodes]
+        if self.chosen is None:
+            return min(len(self.finished), self.num_episodes - 1)
+        return sum((env, k) in self.finished for _, env, k in self.chosen)
+
+    def complete(self) -> bool:
+        """Whether every chosen episode has ended."""
+        return self.chosen is not None and all((env, k) in self.finished
+                                               for _, env, k in self.chosen)
+
+    def frameset(self, game: Game) -> FrameSet:
+        """The chosen episodes' frames, numbered by rank, sorted by episode and step, NCHW."""
+        rank = np.full((len(self.clock), int(self.episode.max()) + 1), -1)
+        for number, (_, env, k) in enumerate(self.chosen or []):
+            rank[env, k] = number
+        chunks = []
+        for frames, env_ids, episodes, steps in self.chunks:
+            ids = rank[env_ids, episodes]
+            chunks.append((frames[ids >= 0], ids[ids >= 0], steps[ids >= 0]))
+        return _to_frameset(chunks, game)
 
 
 def _to_frameset(chunks: list[tuple[np.ndarray, ...]], game: Game) -> FrameSet:

@@ -67,13 +67,18 @@ def parse_games(env_name: str) -> list[Game]:
     return list(dict.fromkeys(games))
 
 
-def make_vector_env(game: Game, num_envs: int, max_steps: int):
-    """ale-py's C++ vector env, configured to match ALE v5 and resize to 64x64 RGB in threads."""
+def make_vector_env(game: Game, num_envs: int, max_steps: int, batch_size: int = 0):
+    """ale-py's C++ vector env, configured to match ALE v5 and resize to 64x64 RGB in threads.
+
+    ``batch_size`` < ``num_envs`` makes it asynchronous: each step returns whichever envs are
+    ready (``info["env_id"]``) and the others keep emulating meanwhile.
+    """
     from ale_py.vector_env import AtariVectorEnv
 
     return AtariVectorEnv(
         game.rom_id,
         num_envs=num_envs,
+        batch_size=batch_size,
         frameskip=FRAMESKIP,
         repeat_action_probability=STICKY_ACTION_PROB,
         max_num_frames_per_episode=max_steps * FRAMESKIP,

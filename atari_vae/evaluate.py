@@ -30,7 +30,10 @@ from atari_vae.runtime import resolve_device
 log = logging.getLogger(__name__)
 EVAL_BATCH = 256
 MIN_EPISODES = 4
-GUESS_FRAMES_PER_EPISODE = 100  # first guess only; the real length is measured and used
+# One episode per 50 scored frames (1000 frames span 20 episodes): what a random policy does
+# differs a lot between episodes (which bricks fall, how far Pong rallies go), so few episodes
+# make a noisy score.
+SCORED_FRAMES_PER_EPISODE = 50
 REFERENCE_SEED_OFFSET = 100_000  # ALE seeds envs seed, seed+1, ...: keep the two sets apart
 ACTIVE_VARIANCE = 0.01  # a latent dim is active when Var_x(E[z|x]) exceeds this (Burda 2016)
 N_PREVIEW = 8
@@ -57,10 +60,10 @@ def fresh_frames(game: Game, min_frames: int, max_steps: int, seed: int,
                  progress: bool = True) -> FrameSet:
     """At least ``min_frames`` frames of new random-policy episodes; deterministic in the args.
 
-    The episode count starts from a guess and grows from the measured episode length, so the
-    sequence of collections (and the frames) depends only on the arguments.
+    At least one episode per SCORED_FRAMES_PER_EPISODE frames; more when episodes are short,
+    grown from the measured length, so the frames depend only on the arguments.
     """
-    episodes = max(MIN_EPISODES, math.ceil(min_frames / GUESS_FRAMES_PER_EPISODE))
+    episodes = max(MIN_EPISODES, math.ceil(min_frames / SCORED_FRAMES_PER_EPISODE))
     while True:
         frames = load_or_collect(game, episodes, max_steps, seed, progress)
         if len(frames) >= min_frames:

@@ -9,13 +9,16 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+PARTIAL = ".partial-"  # marks a temporary file that atomic_path has not yet moved into place
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{PARTIAL}",
+                               suffix=target.suffix)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -26,6 +29,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def remove_partial_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporaries that a killed process (SIGKILL, power loss) left in ``directory``."""
+    stale = list(Path(directory).glob(f".*{PARTIAL}*"))
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -40,7 +40,7 @@ def train_job(cfg: TrainConfig) -> TrainResult:
     resolve_device(cfg.device)
     out = check_output_dir(cfg.output_dir)
     if cfg.resume:  # a missing or unusable checkpoint fails before MLflow and collection
-        read_checkpoint(out, cfg.latent_dim)
+        read_checkpoint(out, cfg)
     tracking.configure(cfg.experiment_name)
     run_id_file = out / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if cfg.resume and run_id_file.exists() else None

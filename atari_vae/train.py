@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import logging
 import math
 import re
@@ -17,9 +19,9 @@ from tqdm.auto import tqdm
 from atari_vae import plots
 from atari_vae.config import TrainConfig
 from atari_vae.data import FrameSet, balanced_order
-from atari_vae.envs import FRAME_SHAPE, to_float
+from atari_vae.envs import FRAME_SHAPE, parse_games, to_float
 from atari_vae.errors import AtariVaeError, NonFiniteLossError
-from atari_vae.files import atomic_path, load_error_reason
+from atari_vae.files import atomic_path, load_error_reason, remove_partial_files
 from atari_vae.losses import pixel_weights, vae_loss
 from atari_vae.metrics import reference_frames, score
 from atari_vae.model import VAE
@@ -31,6 +33,7 @@ N_PREVIEW = 8
 # Typical gradient norms at the default loss scale are 30-100 (measured on Pong); rare spikes of
 # 10x that sent the KL to 10^4 nats and cost half a 15-epoch run. Clipping caps the spikes only.
 GRAD_CLIP_NORM = 100.0
+MIN_LR_FACTOR = 0.05
 
 
 class TrainHooks(Protocol):
@@ -60,6 +63,8 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
     dtype = resolve_precision(cfg.precision, device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_partial_files(out):
+        log.info("removed %s, left half-written by an earlier run that was killed", stale.name)
     seed_everything(cfg.seed)
     log.info("training on %s (%s), %d train / %d val frames", device, str(dtype).split(".")[-1],
              len(train_set), len(val_set))
@@ -74,12 +79,13 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
                                  fused=device.type in ("cpu", "cuda"))
     epoch_frames = len(train_set.games) * int(torch.bincount(train_set.game_ids).max())
     steps_per_epoch = math.ceil(epoch_frames / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.lr * 0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, total_steps=cfg.epochs * steps_per_epoch,
+                                     warmup_steps=steps_per_epoch))
     order_rng = torch.Generator().manual_seed(cfg.seed)
     state = TrainingState(history=[])
     if cfg.resume:
-        state = load_latest_checkpoint(out, model, optimizer, scheduler, order_rng)
+        state = load_latest_checkpoint(out, cfg, model, optimizer, scheduler, order_rng)
 
     bar = tqdm(range(state.epoch + 1, cfg.epochs + 1), desc="train", unit="epoch",
                initial=state.epoch, total=cfg.epochs, disable=None)
@@ -112,6 +118,19 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
                 hooks.on_checkpoint(epoch, files)
     bar.close()
     return _finish(out, model, state, cfg, val_frames, background, mean_frame, device)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Share of ``--lr`` at an optimizer step: linear warm-up, then cosine decay to 5 %.
+
+    The warm-up (one epoch, at most a tenth of the run) keeps the first Adam steps at a high
+    learning rate from blowing up the loss (seen at 4e-3 without it: a 20x first-epoch loss).
+    """
+    warmup = max(1, min(warmup_steps, total_steps // 10))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -182,8 +201,15 @@ def _check_finite(stats: dict[str, float], epoch: int) -> None:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Serialised in memory first: a full disk then raises OSError (ENOSPC) from the write,
+    # where torch.save to a file raises an opaque RuntimeError from its zip writer.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+    except OSError as exc:  # name the file the user would look for, not the temporary
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 @torch.no_grad()
@@ -224,26 +250,38 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def read_checkpoint(out: Path, latent_dim: int) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint in ``out`` (weights only), checked to fit a ``latent_dim`` model."""
+# Flags a resumed run must share with the checkpoint: they fix the frames, split and model.
+RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split", "latent_dim",
+                     "batch_size")
+
+
+def _same_flag(name: str, saved: Any, given: Any) -> bool:
+    if name == "env_name":  # "breakout" and "ALE/Breakout-v5" name the same game
+        return [g.title for g in parse_games(saved)] == [g.title for g in parse_games(given)]
+    return saved == given
+
+
+def read_checkpoint(out: Path, cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint in ``out`` (weights only), checked to come from a run like ``cfg``."""
     path = latest_checkpoint(out)
     if path is None:
         raise AtariVaeError(f"--resume: no checkpoint_epoch_*.pt in {out} to resume from")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ckpt["config"]["latent_dim"]
-        if saved != latent_dim:  # load_state_dict's own message is many lines long
-            raise ValueError(f"it was trained with --latent_dim {saved}, not {latent_dim}; "
-                             f"resume with the run's original flags")
-    except Exception as exc:  # truncated file, foreign file, other latent_dim
+        saved = ckpt["config"]
+        for name in RESUME_MUST_MATCH:  # load_state_dict's own message is many lines long
+            if not _same_flag(name, saved[name], getattr(cfg, name)):
+                raise ValueError(f"it was trained with --{name} {saved[name]}, not "
+                                 f"{getattr(cfg, name)}; resume with the run's original flags")
+    except Exception as exc:  # truncated file, foreign file, other flags
         raise AtariVaeError(f"--resume: cannot restore {path}: {load_error_reason(exc)}") from exc
     return path, ckpt
 
 
-def load_latest_checkpoint(out: Path, model, optimizer, scheduler,
+def load_latest_checkpoint(out: Path, cfg: TrainConfig, model, optimizer, scheduler,
                            order_rng: torch.Generator) -> TrainingState:
     """Restore model, optimizer, schedule, RNG states and history from the newest checkpoint."""
-    path, ckpt = read_checkpoint(out, model.latent_dim)
+    path, ckpt = read_checkpoint(out, cfg)
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -158,28 +158,30 @@ def bench_train(ctx: dict) -> None:
 
 # ---------------------------------------------------------------- collection
 def bench_collect(ctx: dict) -> None:
-    """frames/s of data.collect_episodes (no cache) beside the bare emulator's rate."""
+    """frames/s of data.collect_episodes (no cache) beside the bare emulator's steady rate."""
     from atari_vae import data
     from atari_vae.envs import make_vector_env, resolve_game
 
     game = resolve_game("Breakout")
-    env = make_vector_env(game, data.COLLECT_ENVS, 1000)
-    env.reset(seed=0)
-    rng = np.random.default_rng(0)
-    steps = 1000
-    started = time.perf_counter()
-    for _ in range(steps):
-        env.step(rng.integers(0, env.single_action_space.n, size=data.COLLECT_ENVS))
-    emulator = steps * data.COLLECT_ENVS / (time.perf_counter() - started)
-    env.close()
-    row("collect", f"emulator alone ({data.COLLECT_ENVS} envs, steady state)", emulator,
-        "frames/s", "64x64 RGB, resized in ALE's C++ threads")
+    for envs in (data.FEW_ENVS, data.MANY_ENVS, 16):
+        env = make_vector_env(game, envs, 1000)
+        env.reset(seed=0)
+        rng = np.random.default_rng(0)
+        steps = 4000 // envs
+        started = time.perf_counter()
+        for _ in range(steps):
+            env.step(rng.integers(0, env.single_action_space.n, size=envs))
+        emulator = steps * envs / (time.perf_counter() - started)
+        env.close()
+        row("collect", f"emulator alone ({envs} envs in lockstep, steady state)", emulator,
+            "frames/s", "64x64 RGB, resized in ALE's C++ threads; random actions")
     for episodes in (100, 20):
         started = time.perf_counter()
         frames = data.collect_episodes(game, episodes, 1000, 42, progress=False)
         rate = len(frames) / (time.perf_counter() - started)
         row("collect", f"collect_episodes, {episodes} Breakout episodes", rate, "frames/s",
-            f"{len(frames)} frames, incl. env start-up; target >= 4000")
+            f"{len(frames)} frames, {data.collect_env_count(episodes)} envs, incl. start-up; "
+            f"target >= 4000")
 
 
 # ---------------------------------------------------------------- planner latency

@@ -2,8 +2,8 @@
 
 One gymnasium env stepped at a time with a per-frame PIL resize, float32 frames in a torch
 DataLoader, fp32 training. The recipe is the package's (same VAE class, same loss and weights,
-Adam with the same cosine schedule and gradient clipping, episodes split the same way), so only
-the engineering differs. No MLflow. Writes ``final_model.pt`` and ``timing.json``.
+Adam with the same warm-up, cosine schedule and gradient clipping, episodes split the same
+way), so only the engineering differs. No MLflow. Writes ``final_model.pt`` and ``timing.json``.
 
     python benchmarks/plain_baseline.py --num_episodes 20 --epochs 3 --batch_size 128 --out DIR
 """
@@ -11,6 +11,7 @@ the engineering differs. No MLflow. Writes ``final_model.pt`` and ``timing.json`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from atari_vae.config import TrainConfig
 from atari_vae.losses import pixel_weights, vae_loss
 from atari_vae.model import VAE
-from atari_vae.train import GRAD_CLIP_NORM
+from atari_vae.train import GRAD_CLIP_NORM, lr_factor
 
 
 def collect(env_id: str, num_episodes: int, max_steps: int, seed: int) -> list[torch.Tensor]:
@@ -61,8 +62,8 @@ def train(episodes: list[torch.Tensor], cfg: TrainConfig) -> tuple[VAE, list[dic
     model.init_output_bias(background)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loader = DataLoader(TensorDataset(train_frames), batch_size=cfg.batch_size, shuffle=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=cfg.epochs * len(loader), eta_min=cfg.lr * 0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, total_steps=cfg.epochs * len(loader), warmup_steps=len(loader)))
     history = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()

@@ -2,6 +2,7 @@
 # Reproduce the README's results table: for each game, our recipe vs the plain World-Models VAE
 # (fg_weight 1, kl_weight 1) under the same budget, scored by `atari-vae evaluate` on 1000 frames
 # of fresh episodes. Usage: bash benchmarks/quality.sh [modest|quick|default] [games...]
+# RECIPES=ours (or plain) runs one recipe only; the table lists every run under outputs/quality.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-modest}; shift || true
@@ -15,7 +16,7 @@ esac
 export MLFLOW_DISABLE_TELEMETRY=true
 root=outputs/quality/$budget
 for game in $games; do
-  for recipe in ours plain; do
+  for recipe in ${RECIPES:-ours plain}; do
     extra=""; [ "$recipe" = plain ] && extra="--fg_weight 1 --kl_weight 1"
     dir=$root/$game-$recipe
     start=$(date +%s)

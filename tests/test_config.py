@@ -9,9 +9,11 @@ import pytest
 from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
 from atari_vae.errors import AtariVaeError, ConfigError
 
+# The training issue's defaults. kl_weight (1.0 there) and lr (1e-3 there) are not pinned: the
+# quality issue asks for the best values found, and the README's quality section says why.
 ISSUE_TRAIN_DEFAULTS = dict(
     env_name="Breakout", latent_dim=32, num_episodes=100, max_steps=1000, batch_size=128,
-    epochs=100, lr=1e-3, val_split=0.1, device="auto", output_dir="outputs/vae_training",
+    epochs=100, val_split=0.1, device="auto", output_dir="outputs/vae_training",
     checkpoint_freq=10, seed=42)
 
 

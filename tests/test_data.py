@@ -45,6 +45,14 @@ def test_collection_is_deterministic_for_a_seed_and_differs_between_seeds():
     assert not torch.equal(first.frames_uint8[:len(other)], other.frames_uint8[:len(first)])
 
 
+def test_asynchronous_collection_yields_the_frames_of_lockstep_collection():
+    # Which envs a step returns depends on thread timing; the frames must not.
+    lockstep = collect_episodes(BREAKOUT, 10, 60, seed=3, progress=False, batch_size=8)
+    for batch_size in (1, 3):
+        assert _same(collect_episodes(BREAKOUT, 10, 60, seed=3, progress=False,
+                                      batch_size=batch_size), lockstep)
+
+
 def test_collected_frames_are_64x64_rgb_episodes_no_longer_than_max_steps():
     frames = collect_episodes(BREAKOUT, 5, 30, seed=1, progress=False)
     assert frames.frames_uint8.shape[1:] == (3, 64, 64)

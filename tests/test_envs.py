@@ -81,13 +81,13 @@ def _raw_episode(rom_id: str, seed: int, max_steps: int) -> np.ndarray:
                          max_num_frames_per_episode=max_steps * FRAMESKIP, img_height=210,
                          img_width=160, grayscale=False, stack_num=1, maxpool=False,
                          noop_max=0, use_fire_reset=False, reward_clipping=False)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 0])  # env 0's own action stream
     try:
         obs, _ = env.reset(seed=seed)
         frames, done = [obs[0, 0]], False
         while not done:
             obs, _, terminated, truncated, _ = env.step(
-                rng.integers(0, env.single_action_space.n, size=1))
+                np.array([rng.integers(env.single_action_space.n)]))
             frames.append(obs[0, 0])
             done = bool(terminated[0] or truncated[0])
     finally:

@@ -16,7 +16,13 @@ from mlflow.tracking import MlflowClient
 from atari_vae import cli
 from atari_vae.config import EvaluateConfig, TrainConfig
 from atari_vae.envs import resolve_game
-from atari_vae.evaluate import FIGURES, evaluate_job, evenly_spaced, fresh_frames
+from atari_vae.evaluate import (
+    FIGURES,
+    SCORED_FRAMES_PER_EPISODE,
+    evaluate_job,
+    evenly_spaced,
+    fresh_frames,
+)
 from atari_vae.jobs import RUN_ID_FILE, train_job
 from tests.conftest import tiny_train_flags
 
@@ -159,3 +165,10 @@ def test_fresh_frames_are_deterministic_enough_and_independent_of_the_reference_
         frames.episode_ids.unique())
     n = min(len(frames), len(other))
     assert not torch.equal(frames.frames_uint8[:n], other.frames_uint8[:n])
+
+
+def test_scored_frames_come_from_one_episode_per_fifty_frames_at_least():
+    # Full Breakout episodes (~190 frames) could give 300 frames from 2 episodes; a score that
+    # rests on 2 episodes' knocked-out bricks would swing from seed to seed.
+    frames = fresh_frames(resolve_game("Breakout"), 300, 1000, seed=321, progress=False)
+    assert len(frames.episode_ids.unique()) >= 300 // SCORED_FRAMES_PER_EPISODE

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from atari_vae import cli
+from atari_vae.files import PARTIAL
 from atari_vae.jobs import RUN_ID_FILE
 from tests.conftest import tiny_train_flags
 from tests.test_model import _Payload
@@ -150,3 +151,31 @@ def test_resume_refuses_another_model_size_and_opens_a_new_run_if_the_old_one_is
     assert new_run.data.tags["resumed_from_run_id"] == old_run_id
     assert new_run.data.params["latent_dim"] == "4"
     assert torch.load(out / "checkpoint_epoch_2.pt", weights_only=True)["epoch"] == 2
+
+
+def test_resume_refuses_other_data_flags_but_accepts_another_spelling_of_the_game(tmp_path):
+    out = tmp_path / "out"
+    flags = tiny_train_flags(out, epochs=1)
+    assert CliRunner().invoke(cli.train, cli_args(flags)).exit_code == 0
+
+    other_seed = CliRunner().invoke(cli.train, cli_args({**flags, "seed": 7, "epochs": 2,
+                                                         "resume": True}))
+    assert other_seed.exit_code == 1
+    assert "trained with --seed 42, not 7" in other_seed.stderr
+    assert len(other_seed.stderr.strip().splitlines()) == 1
+
+    same_game = CliRunner().invoke(cli.train, cli_args({**flags, "env_name": "ALE/Breakout-v5",
+                                                        "epochs": 2, "resume": True}))
+    assert same_game.exit_code == 0, same_game.output
+    assert torch.load(out / "checkpoint_epoch_2.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_restart_removes_temporaries_that_a_killed_run_left_half_written(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".checkpoint_epoch_3.pt{PARTIAL}k2j4x9.pt"  # as atomic_path names them
+    stale.write_bytes(b"half a checkpoint")
+    keep = out / ".notes"
+    keep.write_text("the user's own hidden file")
+    assert CliRunner().invoke(cli.train, cli_args(tiny_train_flags(out, epochs=1))).exit_code == 0
+    assert not stale.exists() and keep.read_text() == "the user's own hidden file"

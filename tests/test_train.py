@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
+import resource
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -19,6 +22,7 @@ from atari_vae import cli, registry
 from atari_vae.config import TrainConfig
 from atari_vae.jobs import RUN_ID_FILE
 from atari_vae.model import VAE
+from atari_vae.train import lr_factor
 from tests.conftest import REPO, tiny_train_flags
 
 EPOCHS, CHECKPOINT_FREQ = 3, 2
@@ -175,3 +179,42 @@ def test_nan_loss_stops_with_a_clear_error_and_the_run_ends_failed(tmp_path):
     run = MlflowClient().get_run((out / RUN_ID_FILE).read_text().strip())
     assert run.info.status == "FAILED"
     assert not list(out.glob("*.pt")), "no model saved from a diverged run"
+
+
+def _file_size_limit(limit_bytes: int):
+    def apply() -> None:  # in the child: writes past the limit fail with EFBIG, like a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_a_full_disk_gives_one_line_naming_the_file_and_the_run_ends_failed(tmp_path):
+    # 8 MB holds the store and best_model.pt (~6 MB) but not a checkpoint with Adam's state.
+    out = tmp_path / "out"
+    result = subprocess.run([str(Path(sys.executable).with_name("atari-vae")), "train",
+                             *cli_args(tiny_train_flags(out, epochs=1))], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600,
+                            preexec_fn=_file_size_limit(8_000_000))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    checkpoint = out / "checkpoint_epoch_1.pt"
+    assert last.startswith(f"Error: could not write {checkpoint}: File too large")
+    assert not checkpoint.exists()
+    assert not list(out.glob(".*")), "no temporary left behind"
+    run = MlflowClient().get_run((out / RUN_ID_FILE).read_text().strip())
+    assert run.info.status == "FAILED"
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_five_percent():
+    factors = [lr_factor(step, total_steps=1000, warmup_steps=50) for step in range(1000)]
+    assert factors[0] == pytest.approx(1 / 50) and factors[49] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(factors[:49], factors[1:50], strict=True))
+    assert all(a >= b for a, b in zip(factors[49:-1], factors[50:], strict=True))
+    assert factors[500] == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 450 / 950)))
+    assert factors[-1] == pytest.approx(0.05, abs=1e-4)
+
+
+def test_warm_up_takes_at_most_a_tenth_of_a_short_run():
+    # 3 epochs of 28 steps: a one-epoch warm-up would keep a third of the run below full speed.
+    assert lr_factor(7, total_steps=84, warmup_steps=28) == pytest.approx(1.0)
