@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from atari_vae.errors import ConfigError
 
@@ -111,6 +111,9 @@ class EvaluateConfig:
 class TuneConfig(TrainConfig):
     """Search kl_weight and latent_dim with Optuna; register the best model."""
 
+    # Inherited but meaningless here: a study continues from its storage, not from --resume.
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("resume",)
+
     num_episodes: int = flag(20, "Random-policy episodes to collect per game (once per study).")
     latent_dim: int = flag(32, "Not used by tune: each trial draws latent_dim from "
                            "[latent_dim_min, latent_dim_max].")
@@ -164,8 +167,9 @@ def power_of_two_dims(low: int, high: int) -> list[int]:
 
 
 def fields_of(config_cls: type) -> list[dataclasses.Field]:
-    """The dataclass fields of a job config, in declaration order."""
-    return list(dataclasses.fields(config_cls))
+    """The fields of a job config that are its flags, in declaration order."""
+    hidden = getattr(config_cls, "NOT_FLAGS", ())
+    return [f for f in dataclasses.fields(config_cls) if f.name not in hidden]
 
 
 def _validate_common(cfg: Any) -> None:

@@ -186,3 +186,9 @@ def test_unknown_game_through_the_installed_command_prints_only_the_error(tmp_pa
     assert result.stderr.startswith("Error: unknown game 'spaceinvader'; did you mean "
                                     "space_invaders")
     assert not _files_under(tmp_path)  # no MLflow store, no output dir files
+
+
+def test_tune_has_no_resume_flag_because_a_study_continues_from_its_storage():
+    result = CliRunner().invoke(cli.main, ["tune", "--resume"])
+    assert result.exit_code == 2 and "No such option '--resume'" in result.output
+    assert "resume" in {f.name for f in fields_of(TrainConfig)}
