@@ -88,8 +88,9 @@ def collect_episodes(game: Game, num_episodes: int, max_steps: int, seed: int,
         ended = np.zeros(len(obs), dtype=bool)
         while True:
             env_ids = info["env_id"]
-            bar.update(max(0, book.file(obs[:, 0], env_ids, ended) - bar.n))
-            if book.complete():
+            over = book.file(obs[:, 0], env_ids, ended)
+            bar.update(max(0, over - bar.n))
+            if over == num_episodes:
                 break
             actions = np.array([rngs[i].integers(env.single_action_space.n) for i in env_ids])
             obs, _, terminated, truncated, info = env.step(actions)
@@ -120,7 +121,10 @@ class _EpisodeBook:
         self._new = np.ones(num_envs, dtype=bool)  # the next observation starts an episode
 
     def file(self, frames: np.ndarray, env_ids: np.ndarray, ended: np.ndarray) -> int:
-        """Record one batch (frames NHWC uint8); returns how many chosen episodes are over."""
+        """Record one batch (frames NHWC uint8); returns how many chosen episodes are over.
+
+        The count reaches ``num_episodes`` only once the choice is final and all have ended.
+        """
         new = env_ids[self._new[env_ids]]
         self.episode[new] += 1
         self.step[new] = 0
@@ -142,11 +146,6 @@ class _EpisodeBook:
         if self.chosen is None:
             return min(len(self.finished), self.num_episodes - 1)
         return sum((env, k) in self.finished for _, env, k in self.chosen)
-
-    def complete(self) -> bool:
-        """Whether every chosen episode has ended."""
-        return self.chosen is not None and all((env, k) in self.finished
-                                               for _, env, k in self.chosen)
 
     def frameset(self, game: Game) -> FrameSet:
         """The chosen episodes' frames, numbered by rank, sorted by episode and step, NCHW."""
