@@ -14,23 +14,28 @@ from typing import Any
 
 from atari_vae import registry
 from atari_vae.config import EvaluateConfig
+from atari_vae.data import COLLECTOR_VERSION
 from atari_vae.envs import Game
 from atari_vae.metrics import balanced_psnr
 from atari_vae.model import VAE
 
 log = logging.getLogger(__name__)
-EVAL_KEY_VERSION = 1  # bump when the comparison changes, so old scores are not compared
+EVAL_KEY_VERSION = 1  # bump when the measure changes, so old scores are not compared
 
 
 class HeldOutScorer:
     """Balanced PSNR on fixed fresh frames (evaluate's default seed): the champion comparison."""
 
     def __init__(self, games: list[Game], num_samples: int) -> None:
+        from atari_vae.evaluate import SCORED_FRAMES_PER_EPISODE
+
         self.games = games
         self.eval_cfg = EvaluateConfig(num_samples=num_samples, device="cpu")
+        # Everything that picks the frames is in the key: scores on other frames never meet.
         self.key = (f"v{EVAL_KEY_VERSION} balanced_psnr {'+'.join(g.title for g in games)} "
                     f"seed={self.eval_cfg.seed} n={num_samples} "
-                    f"max_steps={self.eval_cfg.max_steps}")
+                    f"max_steps={self.eval_cfg.max_steps} collector={COLLECTOR_VERSION} "
+                    f"frames_per_episode={SCORED_FRAMES_PER_EPISODE}")
 
     def __call__(self, model: VAE) -> float:
         from atari_vae.evaluate import evaluate_game

@@ -192,3 +192,18 @@ def test_bad_tune_flags_give_one_line_and_exit_1(flags: list[str], message: str,
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_champion_scores_taken_on_other_frames_never_share_a_key(monkeypatch):
+    # A stored champion score is compared only under the same key: a collector or evaluation
+    # change that picks other frames for the same seed must give a new key.
+    from atari_vae import champion, evaluate
+    from atari_vae.envs import resolve_game
+
+    games = [resolve_game("Breakout")]
+    keys = {champion.HeldOutScorer(games, 1000).key}
+    monkeypatch.setattr(champion, "COLLECTOR_VERSION", champion.COLLECTOR_VERSION + 1)
+    keys.add(champion.HeldOutScorer(games, 1000).key)
+    monkeypatch.setattr(evaluate, "SCORED_FRAMES_PER_EPISODE", 7)
+    keys.add(champion.HeldOutScorer(games, 1000).key)
+    assert len(keys) == 3
