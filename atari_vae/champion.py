@@ -31,6 +31,7 @@ class HeldOutScorer:
 
         self.games = games
         self.eval_cfg = EvaluateConfig(num_samples=num_samples, device="cpu")
+        self._sets: dict[str, tuple[Any, ...]] = {}
         # Everything that picks the frames is in the key: scores on other frames never meet.
         self.key = (f"v{EVAL_KEY_VERSION} balanced_psnr {'+'.join(g.title for g in games)} "
                     f"seed={self.eval_cfg.seed} n={num_samples} "
@@ -38,12 +39,15 @@ class HeldOutScorer:
                     f"frames_per_episode={SCORED_FRAMES_PER_EPISODE}")
 
     def __call__(self, model: VAE) -> float:
-        from atari_vae.evaluate import evaluate_game
+        from atari_vae.evaluate import held_out_set, score_model
 
         scores = []
         for game in self.games:
-            m = evaluate_game(model, game, dataclasses.replace(self.eval_cfg,
-                                                               env_name=game.title)).metrics
+            if game.title not in self._sets:  # the same frames score every version compared
+                cfg = dataclasses.replace(self.eval_cfg, env_name=game.title)
+                self._sets[game.title] = held_out_set(game, cfg)
+            frames, mean_frame, background = self._sets[game.title]
+            m = score_model(model, frames.frames_uint8, mean_frame, background)[0]
             scores.append(balanced_psnr(m["mse"], m["fg_mse"], m["fg_fraction"]))
         return sum(scores) / len(scores)
 

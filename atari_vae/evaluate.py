@@ -113,13 +113,18 @@ def score_model(model: VAE, frames_uint8: torch.Tensor, mean_frame: torch.Tensor
     return metrics, mu, torch.cat(fg_counts)
 
 
-def evaluate_game(model: VAE, game: Game, cfg: EvaluateConfig) -> GameResult:
-    """Collect fresh and reference frames for ``game`` and score ``model`` on them."""
+def held_out_set(game: Game, cfg: EvaluateConfig) -> tuple[FrameSet, torch.Tensor, torch.Tensor]:
+    """The frames to score for ``game``, and the mean frame and background of other episodes."""
     frames = evenly_spaced(fresh_frames(game, cfg.num_samples, cfg.max_steps, cfg.seed),
                            cfg.num_samples)
     reference = fresh_frames(game, cfg.num_samples, cfg.max_steps,
                              cfg.seed + REFERENCE_SEED_OFFSET)
-    mean_frame, background = reference_frames(reference.frames_uint8)
+    return frames, *reference_frames(reference.frames_uint8)
+
+
+def evaluate_game(model: VAE, game: Game, cfg: EvaluateConfig) -> GameResult:
+    """Collect fresh and reference frames for ``game`` and score ``model`` on them."""
+    frames, mean_frame, background = held_out_set(game, cfg)
     metrics, mu, fg_pixels = score_model(model, frames.frames_uint8, mean_frame, background)
     m = metrics
     log.info("%s: psnr %.2f dB (mean frame %.2f), accuracy %.4f (%.4f), fg_psnr %.2f (%.2f), "

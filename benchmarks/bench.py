@@ -247,14 +247,12 @@ def bench_quick(ctx: dict) -> None:
 
 def held_out(ctx: dict):
     """1000 frames of fresh Breakout episodes plus the mean frame and background to score with."""
+    from atari_vae.config import EvaluateConfig
     from atari_vae.envs import resolve_game
-    from atari_vae.evaluate import REFERENCE_SEED_OFFSET, evenly_spaced, fresh_frames
-    from atari_vae.metrics import reference_frames
+    from atari_vae.evaluate import held_out_set
 
-    game, seed = resolve_game("Breakout"), 10_000
-    frames = evenly_spaced(fresh_frames(game, 1000, 1000, seed, progress=False), 1000)
-    reference = fresh_frames(game, 1000, 1000, seed + REFERENCE_SEED_OFFSET, progress=False)
-    return frames.frames_uint8, *reference_frames(reference.frames_uint8)
+    frames, mean_frame, background = held_out_set(resolve_game("Breakout"), EvaluateConfig())
+    return frames.frames_uint8, mean_frame, background
 
 
 def score_file(path: Path, frames, mean_frame, background) -> dict[str, float]:
