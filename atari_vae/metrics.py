@@ -67,13 +67,50 @@ class ReconstructionMetrics:
         }
 
 
-def reference_frames(frames_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean frame, per-pixel median background), each (1, 3, 64, 64) float in [0, 1]."""
+def median_background(frames_uint8: torch.Tensor) -> torch.Tensor:
+    """Per-pixel median of (up to 5000 evenly spaced) frames: (1, 3, 64, 64) float in [0, 1]."""
     sample = frames_uint8[torch.linspace(0, len(frames_uint8) - 1,
                                          min(len(frames_uint8), 5000)).long()]
-    mean = to_float(frames_uint8).mean(dim=0, keepdim=True)
-    background = to_float(sample.median(dim=0, keepdim=True).values)
-    return mean, background
+    return to_float(sample.median(dim=0, keepdim=True).values)
+
+
+def reference_frames(frames_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean frame, per-pixel median background), each (1, 3, 64, 64) float in [0, 1]."""
+    return to_float(frames_uint8).mean(dim=0, keepdim=True), median_background(frames_uint8)
+
+
+def game_backgrounds(frames_uint8: torch.Tensor, game_ids: torch.Tensor,
+                     n_games: int) -> torch.Tensor:
+    """Each game's own median background, (n_games, 3, 64, 64): index it with ``game_ids``."""
+    return torch.cat([median_background(frames_uint8[game_ids == g]) for g in range(n_games)])
+
+
+def background_of(backgrounds: torch.Tensor, game_ids: torch.Tensor) -> torch.Tensor:
+    """Each frame's game's background: ``backgrounds`` itself for one game, else (N, 3, H, W)."""
+    return backgrounds if len(backgrounds) == 1 else backgrounds[game_ids]
+
+
+class Scorer:
+    """Model and mean-frame baseline metrics, accumulated batch by batch."""
+
+    def __init__(self, mean_frame: torch.Tensor) -> None:
+        self.mean_frame = mean_frame
+        self.model, self.baseline = ReconstructionMetrics(), ReconstructionMetrics()
+
+    def update(self, recon: torch.Tensor, target: torch.Tensor,
+               background: torch.Tensor) -> None:
+        """``background``: (1, 3, H, W), or one per frame (N, 3, H, W) when games are mixed."""
+        background = background.to(target.device)
+        self.model.update(recon, target, background)
+        self.baseline.update(self.mean_frame.to(target.device).expand_as(target), target,
+                             background)
+
+    def compute(self) -> dict[str, float]:
+        """The model's METRIC_KEYS and fg_fraction, and the baseline's as ``baseline_*``."""
+        results = self.model.compute()
+        results.update({f"baseline_{k}": v for k, v in self.baseline.compute().items()
+                        if k != "fg_fraction"})
+        return results
 
 
 def score(reconstruct: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor],
@@ -82,14 +119,10 @@ def score(reconstruct: Callable[[torch.Tensor], torch.Tensor], batches: Iterable
 
     ``reconstruct`` maps a float batch to its reconstruction; ``batches`` yields float batches.
     """
-    model, baseline = ReconstructionMetrics(), ReconstructionMetrics()
+    scorer = Scorer(mean_frame)
     for x in batches:
-        model.update(reconstruct(x), x, background.to(x.device))
-        baseline.update(mean_frame.to(x.device).expand_as(x), x, background.to(x.device))
-    results = model.compute()
-    results.update({f"baseline_{k}": v for k, v in baseline.compute().items()
-                    if k != "fg_fraction"})
-    return results
+        scorer.update(reconstruct(x), x, background)
+    return scorer.compute()
 
 
 def balanced_psnr(mse: float, fg_mse: float, fg_fraction: float) -> float:

@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +23,7 @@ from atari_vae.envs import FRAME_SHAPE, parse_games, to_float
 from atari_vae.errors import AtariVaeError, NonFiniteLossError
 from atari_vae.files import atomic_path, load_error_reason, remove_partial_files
 from atari_vae.losses import pixel_weights, vae_loss
-from atari_vae.metrics import reference_frames, score
+from atari_vae.metrics import Scorer, background_of, game_backgrounds, reference_frames
 from atari_vae.model import VAE
 from atari_vae.runtime import autocast, resolve_device, resolve_precision, seed_everything
 
@@ -70,8 +70,12 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
              len(train_set), len(val_set))
 
     frames = train_set.frames_uint8.to(device)
-    val_frames = val_set.frames_uint8.to(device)
+    val = ValFrames(val_set.frames_uint8.to(device), val_set.game_ids.to(device))
     mean_frame, background = (t.to(device) for t in reference_frames(train_set.frames_uint8))
+    # The loss and the foreground metrics take each frame's own game's background; the output
+    # bias is one image for all games, so it starts from the median over them all.
+    backgrounds = game_backgrounds(train_set.frames_uint8, train_set.game_ids,
+                                   len(train_set.games)).to(device)
     model = VAE(FRAME_SHAPE, cfg.latent_dim).to(device)
     model.init_output_bias(background)
     # One fused kernel instead of ~10 ops per parameter: +2-4 % images/s on CPU (measured).
@@ -92,8 +96,8 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
     for epoch in bar:
         started = time.perf_counter()
         train_stats = _train_epoch(model, optimizer, scheduler, frames, train_set.game_ids,
-                                   background, cfg, order_rng, dtype)
-        val_stats = _validate(model, val_frames, background, mean_frame, cfg, dtype)
+                                   backgrounds, cfg, order_rng, dtype)
+        val_stats = _validate(model, val, backgrounds, mean_frame, cfg, dtype)
         stats = {"epoch": epoch, **train_stats, **val_stats,
                  "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started}
         state.history.append(stats)
@@ -113,11 +117,11 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
             hooks.on_epoch_end(epoch, stats)
         if epoch % cfg.checkpoint_freq == 0 or epoch == cfg.epochs:
             files = _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg,
-                                val_frames)
+                                val.frames_uint8)
             if hooks:
                 hooks.on_checkpoint(epoch, files)
     bar.close()
-    return _finish(out, model, state, cfg, val_frames, background, mean_frame, device)
+    return _finish(out, model, state, cfg, val, backgrounds, mean_frame, device)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -143,21 +147,34 @@ class TrainingState:
     best_val_loss: float = math.inf
 
 
-def _batches(frames_uint8: torch.Tensor, batch_size: int):
-    for start in range(0, len(frames_uint8), batch_size):
-        yield to_float(frames_uint8[start:start + batch_size])
+class ValFrames(NamedTuple):
+    """Validation frames and the index of each one's game, on the training device."""
+
+    frames_uint8: torch.Tensor  # (N, 3, 64, 64) uint8
+    game_ids: torch.Tensor  # (N,) int64
 
 
-def _train_epoch(model, optimizer, scheduler, frames, game_ids, background, cfg, order_rng,
+def _batches(val: ValFrames, backgrounds: torch.Tensor, batch_size: int):
+    """(float frames, their backgrounds) in order, ``batch_size`` at a time."""
+    for start in range(0, len(val.frames_uint8), batch_size):
+        rows = slice(start, start + batch_size)
+        yield (to_float(val.frames_uint8[rows]),
+               background_of(backgrounds, val.game_ids[rows]))
+
+
+def _train_epoch(model, optimizer, scheduler, frames, game_ids, backgrounds, cfg, order_rng,
                  dtype) -> dict[str, float]:
     model.train()
     order = balanced_order(game_ids, order_rng).to(frames.device)
+    game_ids = game_ids.to(frames.device)
     sums = torch.zeros(3, device=frames.device)  # accumulated on device: no per-step host sync
     for start in range(0, len(order), cfg.batch_size):
-        x = to_float(frames[order[start:start + cfg.batch_size]])
+        index = order[start:start + cfg.batch_size]
+        x = to_float(frames[index])
         with autocast(frames.device, dtype):
             x_hat, mu, logvar = model(x)
-        weights = pixel_weights(x, background, cfg.fg_weight, x_hat)
+        weights = pixel_weights(x, background_of(backgrounds, game_ids[index]), cfg.fg_weight,
+                                x_hat)
         terms = vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
@@ -170,22 +187,20 @@ def _train_epoch(model, optimizer, scheduler, frames, game_ids, background, cfg,
 
 
 @torch.no_grad()
-def _validate(model, val_frames, background, mean_frame, cfg, dtype) -> dict[str, float]:
+def _validate(model, val: ValFrames, backgrounds, mean_frame, cfg, dtype) -> dict[str, float]:
     """Validation loss terms (z = posterior mean) and the classic metrics on held-out episodes."""
     model.eval()
-    sums = torch.zeros(3, device=val_frames.device)
-
-    def reconstruct(x: torch.Tensor) -> torch.Tensor:
-        nonlocal sums
+    sums = torch.zeros(3, device=val.frames_uint8.device)
+    scorer = Scorer(mean_frame)
+    for x, background in _batches(val, backgrounds, EVAL_BATCH):
         with autocast(x.device, dtype):
             x_hat, mu, logvar = model(x)
         weights = pixel_weights(x, background, cfg.fg_weight, x_hat)
         terms = vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits)
         sums += torch.stack(list(terms)) * len(x)
-        return x_hat.float()
-
-    metrics = score(reconstruct, _batches(val_frames, EVAL_BATCH), mean_frame, background)
-    total, recon, kl = (sums / len(val_frames)).tolist()
+        scorer.update(x_hat.float(), x, background)
+    metrics = scorer.compute()
+    total, recon, kl = (sums / len(val.frames_uint8)).tolist()
     return {"val_loss": total, "val_recon": recon, "val_kl": kl,
             "val_psnr": metrics["psnr"], "val_accuracy": metrics["accuracy"],
             "val_fg_accuracy": metrics["fg_accuracy"], "val_fg_psnr": metrics["fg_psnr"],
@@ -297,21 +312,23 @@ def load_latest_checkpoint(out: Path, cfg: TrainConfig, model, optimizer, schedu
                          best_epoch=ckpt["best_epoch"], best_val_loss=ckpt["best_val_loss"])
 
 
-def _finish(out, model, state, cfg, val_frames, background, mean_frame, device) -> TrainResult:
+def _finish(out, model, state, cfg, val, backgrounds, mean_frame, device) -> TrainResult:
     _save_atomic(model.state_dict(), out / "final_model.pt")
     files = {
         "final_model": out / "final_model.pt",
         "best_model": out / "best_model.pt",
         "training_curves": plots.training_curves(state.history, out / "training_curves.png"),
-        "final_reconstructions": _preview(model, val_frames, out / "final_reconstructions.png",
+        "final_reconstructions": _preview(model, val.frames_uint8,
+                                          out / "final_reconstructions.png",
                                           "validation frames, final model"),
     }
     best = VAE(FRAME_SHAPE, cfg.latent_dim).to(device)
     best.load_state_dict(torch.load(out / "best_model.pt", map_location=device,
                                     weights_only=True))
     best.eval()
+    scorer = Scorer(mean_frame)
     with torch.no_grad():
-        val_metrics = score(lambda x: best(x)[0], _batches(val_frames, EVAL_BATCH),
-                            mean_frame, background)
-    return TrainResult(best, state.best_epoch, state.best_val_loss, val_metrics, state.history,
-                       files)
+        for x, background in _batches(val, backgrounds, EVAL_BATCH):
+            scorer.update(best(x)[0], x, background)
+    return TrainResult(best, state.best_epoch, state.best_val_loss, scorer.compute(),
+                       state.history, files)

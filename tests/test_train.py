@@ -20,9 +20,14 @@ from mlflow.tracking import MlflowClient
 import atari_vae
 from atari_vae import cli, registry
 from atari_vae.config import TrainConfig
+from atari_vae.data import load_games, split_by_episode
+from atari_vae.envs import parse_games, to_float
 from atari_vae.jobs import RUN_ID_FILE
+from atari_vae.losses import foreground_mask
+from atari_vae.metrics import game_backgrounds, reference_frames
 from atari_vae.model import VAE
-from atari_vae.train import lr_factor
+from atari_vae.train import fit, lr_factor
+from atari_vae.tune import foreground_fraction
 from tests.conftest import REPO, tiny_train_flags
 
 EPOCHS, CHECKPOINT_FREQ = 3, 2
@@ -218,3 +223,20 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_five_percent()
 def test_warm_up_takes_at_most_a_tenth_of_a_short_run():
     # 3 epochs of 28 steps: a one-epoch warm-up would keep a third of the run below full speed.
     assert lr_factor(7, total_steps=84, warmup_steps=28) == pytest.approx(1.0)
+
+
+def test_a_multi_game_run_weighs_and_scores_each_frame_against_its_own_games_background(
+        tmp_path):
+    cfg = TrainConfig(**tiny_train_flags(tmp_path / "out", env_name="Breakout,Pong", epochs=1))
+    frames = load_games(parse_games(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed)
+    train_set, val_set = split_by_episode(frames, cfg.val_split, cfg.seed)
+    result = fit(cfg, train_set, val_set)
+
+    val_frames = to_float(val_set.frames_uint8)
+    own = game_backgrounds(train_set.frames_uint8, train_set.game_ids, len(train_set.games))
+    own_fraction = foreground_mask(val_frames, own[val_set.game_ids]).float().mean().item()
+    assert result.val_metrics["fg_fraction"] == pytest.approx(own_fraction, rel=1e-6)
+    assert foreground_fraction(train_set, val_set) == pytest.approx(own_fraction, rel=1e-6)
+    # One median over both games would call most of one game's backdrop foreground.
+    mixed = reference_frames(train_set.frames_uint8)[1]
+    assert foreground_mask(val_frames, mixed).float().mean().item() > 2 * own_fraction
