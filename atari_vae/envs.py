@@ -10,6 +10,7 @@ import difflib
 import functools
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,16 +68,17 @@ def parse_games(env_name: str) -> list[Game]:
     return list(dict.fromkeys(games))
 
 
-def make_vector_env(game: Game, num_envs: int, max_steps: int, batch_size: int = 0):
+def make_vector_env(game: Game, num_envs: int, max_steps: int, batch_size: int = 0,
+                    **overrides: Any):
     """ale-py's C++ vector env, configured to match ALE v5 and resize to 64x64 RGB in threads.
 
     ``batch_size`` < ``num_envs`` makes it asynchronous: each step returns whichever envs are
-    ready (``info["env_id"]``) and the others keep emulating meanwhile.
+    ready (``info["env_id"]``) and the others keep emulating meanwhile. ``overrides`` replace
+    AtariVectorEnv arguments (the benchmark measures other observation sizes with them).
     """
     from ale_py.vector_env import AtariVectorEnv
 
-    return AtariVectorEnv(
-        game.rom_id,
+    options = dict(
         num_envs=num_envs,
         batch_size=batch_size,
         frameskip=FRAMESKIP,
@@ -91,6 +93,7 @@ def make_vector_env(game: Game, num_envs: int, max_steps: int, batch_size: int =
         use_fire_reset=False,
         reward_clipping=False,
     )
+    return AtariVectorEnv(game.rom_id, **{**options, **overrides})
 
 
 def make_env(game: Game, render_mode: str | None = None):
