@@ -69,7 +69,7 @@ def log_vae_model(model: VAE, metadata: dict[str, Any] | None = None,
     from mlflow.models import infer_signature
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # MLflow nags for type hints and an input example; the explicit signature covers both
+        # MLflow asks for an input example; the explicit signature already gives what it would
         warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
         vae_dir = save_vae_dir(model, Path(tmp) / "vae", metadata)
         example = np.zeros((2, *FRAME_SHAPE), dtype=np.float32)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -131,3 +132,10 @@ def test_missing_registered_name_or_alias_is_a_clear_error() -> None:
         registry.load_registered("absent")
     with pytest.raises(AtariVaeError, match="models:/present@nope"):
         registry.load_registered("present", alias="nope")
+
+
+def test_logging_a_model_raises_no_mlflow_warning_about_predict_type_hints() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log_model(good=True)
+    assert not [w for w in caught if "type hint" in str(w.message).lower()]
