@@ -67,10 +67,14 @@ class ReconstructionMetrics:
         }
 
 
-def median_background(frames_uint8: torch.Tensor) -> torch.Tensor:
-    """Per-pixel median of (up to 5000 evenly spaced) frames: (1, 3, 64, 64) float in [0, 1]."""
-    sample = frames_uint8[torch.linspace(0, len(frames_uint8) - 1,
-                                         min(len(frames_uint8), 5000)).long()]
+def median_background(frames_uint8: torch.Tensor,
+                      index: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel median of (up to 5000 evenly spaced of the ``index``ed) frames:
+    (1, 3, 64, 64) float in [0, 1]."""
+    index = torch.arange(len(frames_uint8)) if index is None else index
+    if len(index) == 0:
+        raise ValueError("no frames to take a background from")
+    sample = frames_uint8[index[torch.linspace(0, len(index) - 1, min(len(index), 5000)).long()]]
     return to_float(sample.median(dim=0, keepdim=True).values)
 
 
@@ -82,7 +86,10 @@ def reference_frames(frames_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def game_backgrounds(frames_uint8: torch.Tensor, game_ids: torch.Tensor,
                      n_games: int) -> torch.Tensor:
     """Each game's own median background, (n_games, 3, 64, 64): index it with ``game_ids``."""
-    return torch.cat([median_background(frames_uint8[game_ids == g]) for g in range(n_games)])
+    if n_games == 1:
+        return median_background(frames_uint8)
+    return torch.cat([median_background(frames_uint8, (game_ids == g).nonzero().squeeze(1))
+                      for g in range(n_games)])
 
 
 def background_of(backgrounds: torch.Tensor, game_ids: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,9 @@ N_PREVIEW = 8
 # 10x that sent the KL to 10^4 nats and cost half a 15-epoch run. Clipping caps the spikes only.
 GRAD_CLIP_NORM = 100.0
 MIN_LR_FACTOR = 0.05
+# Version 2: a multi-game run weighs each frame against its own game's background, not one
+# median over all games; losses of the two are not comparable, so such a run cannot resume.
+LOSS_VERSION = 2
 
 
 class TrainHooks(Protocol):
@@ -74,8 +77,8 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
     mean_frame, background = (t.to(device) for t in reference_frames(train_set.frames_uint8))
     # The loss and the foreground metrics take each frame's own game's background; the output
     # bias is one image for all games, so it starts from the median over them all.
-    backgrounds = game_backgrounds(train_set.frames_uint8, train_set.game_ids,
-                                   len(train_set.games)).to(device)
+    backgrounds = background if len(train_set.games) == 1 else game_backgrounds(
+        train_set.frames_uint8, train_set.game_ids, len(train_set.games)).to(device)
     model = VAE(FRAME_SHAPE, cfg.latent_dim).to(device)
     model.init_output_bias(background)
     # One fused kernel instead of ~10 ops per parameter: +2-4 % images/s on CPU (measured).
@@ -250,6 +253,7 @@ def _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg,
         "best_val_loss": state.best_val_loss,
         "history": state.history,
         "config": dataclasses.asdict(cfg),
+        "loss_version": LOSS_VERSION,
     }
     path = out / f"checkpoint_epoch_{epoch}.pt"
     _save_atomic(ckpt, path)
@@ -288,6 +292,10 @@ def read_checkpoint(out: Path, cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
             if not _same_flag(name, saved[name], getattr(cfg, name)):
                 raise ValueError(f"it was trained with --{name} {saved[name]}, not "
                                  f"{getattr(cfg, name)}; resume with the run's original flags")
+        if len(parse_games(cfg.env_name)) > 1 and ckpt.get("loss_version", 1) != LOSS_VERSION:
+            raise ValueError("it was written before multi-game runs weighed each game against "
+                             "its own background, so its losses are not comparable; start a "
+                             "new run")
     except Exception as exc:  # truncated file, foreign file, other flags
         raise AtariVaeError(f"--resume: cannot restore {path}: {load_error_reason(exc)}") from exc
     return path, ckpt

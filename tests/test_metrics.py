@@ -126,3 +126,5 @@ def test_game_backgrounds_are_each_games_own_median_in_game_order():
     backgrounds = game_backgrounds(frames, game_ids, 2)
     assert backgrounds.shape == (2, *SHAPE)
     assert torch.all(backgrounds[0] == 10 / 255) and torch.all(backgrounds[1] == 200 / 255)
+    with pytest.raises(ValueError, match="no frames"):
+        game_backgrounds(frames, game_ids, 3)  # game 2 has no frames

@@ -179,3 +179,23 @@ def test_a_restart_removes_temporaries_that_a_killed_run_left_half_written(tmp_p
     keep.write_text("the user's own hidden file")
     assert CliRunner().invoke(cli.train, cli_args(tiny_train_flags(out, epochs=1))).exit_code == 0
     assert not stale.exists() and keep.read_text() == "the user's own hidden file"
+
+
+def test_a_multi_game_run_resumes_but_not_from_a_checkpoint_of_the_mixed_background_loss(
+        tmp_path):
+    out = tmp_path / "out"
+    flags = tiny_train_flags(out, epochs=1, env_name="Breakout,Pong")
+    assert CliRunner().invoke(cli.train, cli_args(flags)).exit_code == 0
+    resumed = CliRunner().invoke(cli.train, cli_args({**flags, "epochs": 2, "resume": True}))
+    assert resumed.exit_code == 0, resumed.output
+
+    old_style = out / "checkpoint_epoch_2.pt"  # as written before LOSS_VERSION existed
+    ckpt = torch.load(old_style, weights_only=True)
+    del ckpt["loss_version"]
+    torch.save(ckpt, old_style)
+    refused = CliRunner().invoke(cli.train, cli_args({**flags, "epochs": 3, "resume": True}))
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        f"Error: --resume: cannot restore {old_style}: it was written before multi-game runs "
+        f"weighed each game against its own background, so its losses are not comparable; "
+        f"start a new run\n")
