@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -67,50 +68,73 @@ class ReconstructionMetrics:
         }
 
 
-def median_background(frames_uint8: torch.Tensor,
-                      index: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-pixel median of (up to 5000 evenly spaced of the ``index``ed) frames:
-    (1, 3, 64, 64) float in [0, 1]."""
-    index = torch.arange(len(frames_uint8)) if index is None else index
-    if len(index) == 0:
-        raise ValueError("no frames to take a background from")
-    sample = frames_uint8[index[torch.linspace(0, len(index) - 1, min(len(index), 5000)).long()]]
+def median_background(frames_uint8: torch.Tensor) -> torch.Tensor:
+    """Per-pixel median of (up to 5000 evenly spaced) frames: (1, 3, 64, 64) float in [0, 1]."""
+    sample = frames_uint8[torch.linspace(0, len(frames_uint8) - 1,
+                                         min(len(frames_uint8), 5000)).long()]
     return to_float(sample.median(dim=0, keepdim=True).values)
+
+
+def mean_frame_of(frames_uint8: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Mean frame, (1, 3, 64, 64) float in [0, 1], summed in chunks: a float copy of a
+    default Pong collection (83,000 frames) would take 4 GB."""
+    total = torch.zeros(1, *frames_uint8.shape[1:], dtype=torch.float64)
+    for start in range(0, len(frames_uint8), chunk):
+        total += to_float(frames_uint8[start:start + chunk]).sum(dim=0, keepdim=True)
+    return (total / max(1, len(frames_uint8))).float()
 
 
 def reference_frames(frames_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean frame, per-pixel median background), each (1, 3, 64, 64) float in [0, 1]."""
-    return to_float(frames_uint8).mean(dim=0, keepdim=True), median_background(frames_uint8)
+    return mean_frame_of(frames_uint8), median_background(frames_uint8)
 
 
-def game_backgrounds(frames_uint8: torch.Tensor, game_ids: torch.Tensor,
-                     n_games: int) -> torch.Tensor:
-    """Each game's own median background, (n_games, 3, 64, 64): index it with ``game_ids``."""
+class GameReferences(NamedTuple):
+    """Each game's mean frame and median background, (n_games, 3, 64, 64) each."""
+
+    means: torch.Tensor
+    backgrounds: torch.Tensor
+
+    def of(self, game_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean frames, backgrounds) of these frames' games: (1, 3, H, W) each for one game."""
+        return background_of(self.means, game_ids), background_of(self.backgrounds, game_ids)
+
+    def to(self, device: torch.device | str) -> GameReferences:
+        return GameReferences(self.means.to(device), self.backgrounds.to(device))
+
+
+def game_references(frames_uint8: torch.Tensor, game_ids: torch.Tensor,
+                    n_games: int) -> GameReferences:
+    """Each game's own mean frame and background: index them with ``game_ids``."""
     if n_games == 1:
-        return median_background(frames_uint8)
-    return torch.cat([median_background(frames_uint8, (game_ids == g).nonzero().squeeze(1))
-                      for g in range(n_games)])
+        return GameReferences(*reference_frames(frames_uint8))
+    parts = []
+    for game in range(n_games):
+        index = (game_ids == game).nonzero().squeeze(1)
+        if len(index) == 0:
+            raise ValueError(f"no frames of game {game} to take a background from")
+        parts.append(reference_frames(frames_uint8[index]))
+    return GameReferences(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
 
 def background_of(backgrounds: torch.Tensor, game_ids: torch.Tensor) -> torch.Tensor:
-    """Each frame's game's background: ``backgrounds`` itself for one game, else (N, 3, H, W)."""
+    """Each frame's game's image: ``backgrounds`` itself for one game, else (N, 3, H, W)."""
     return backgrounds if len(backgrounds) == 1 else backgrounds[game_ids]
 
 
 class Scorer:
     """Model and mean-frame baseline metrics, accumulated batch by batch."""
 
-    def __init__(self, mean_frame: torch.Tensor) -> None:
-        self.mean_frame = mean_frame
+    def __init__(self) -> None:
         self.model, self.baseline = ReconstructionMetrics(), ReconstructionMetrics()
 
-    def update(self, recon: torch.Tensor, target: torch.Tensor,
+    def update(self, recon: torch.Tensor, target: torch.Tensor, mean_frame: torch.Tensor,
                background: torch.Tensor) -> None:
-        """``background``: (1, 3, H, W), or one per frame (N, 3, H, W) when games are mixed."""
+        """``mean_frame`` and ``background``: (1, 3, H, W), or one per frame (N, 3, H, W)
+        when games are mixed."""
         background = background.to(target.device)
         self.model.update(recon, target, background)
-        self.baseline.update(self.mean_frame.to(target.device).expand_as(target), target,
-                             background)
+        self.baseline.update(mean_frame.to(target.device).expand_as(target), target, background)
 
     def compute(self) -> dict[str, float]:
         """The model's METRIC_KEYS and fg_fraction, and the baseline's as ``baseline_*``."""
@@ -126,9 +150,9 @@ def score(reconstruct: Callable[[torch.Tensor], torch.Tensor], batches: Iterable
 
     ``reconstruct`` maps a float batch to its reconstruction; ``batches`` yields float batches.
     """
-    scorer = Scorer(mean_frame)
+    scorer = Scorer()
     for x in batches:
-        scorer.update(reconstruct(x), x, background)
+        scorer.update(reconstruct(x), x, mean_frame, background)
     return scorer.compute()
 
 

@@ -39,7 +39,7 @@ from atari_vae.errors import AtariVaeError, ConfigError
 from atari_vae.files import atomic_path
 from atari_vae.jobs import check_output_dir
 from atari_vae.losses import foreground_mask
-from atari_vae.metrics import background_of, balanced_psnr, game_backgrounds
+from atari_vae.metrics import background_of, balanced_psnr, game_references
 from atari_vae.runtime import resolve_device
 from atari_vae.train import fit
 
@@ -194,8 +194,8 @@ def pruning_value(value: float, kl: float, budget: float) -> float:
 
 def foreground_fraction(train_set: FrameSet, val_set: FrameSet, chunk: int = 1024) -> float:
     """Share of validation pixels off their game's training background, as training sees it."""
-    backgrounds = game_backgrounds(train_set.frames_uint8, train_set.game_ids,
-                                   len(train_set.games))
+    backgrounds = game_references(train_set.frames_uint8, train_set.game_ids,
+                                  len(train_set.games)).backgrounds
     frames, game_ids = val_set.frames_uint8, val_set.game_ids
     fg = sum(foreground_mask(to_float(frames[i:i + chunk]),
                              background_of(backgrounds, game_ids[i:i + chunk])).sum().item()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from atari_vae.metrics import game_backgrounds, psnr_from_mse, reference_frames, score
+from atari_vae.metrics import game_references, psnr_from_mse, reference_frames, score
 
 SHAPE = (3, 64, 64)
 
@@ -117,14 +117,17 @@ def test_reference_frames_give_mean_and_median_of_uint8_frames():
     assert background.flatten()[0].item() == pytest.approx(51 / 255)
 
 
-def test_game_backgrounds_are_each_games_own_median_in_game_order():
+def test_game_references_are_each_games_own_mean_and_median_in_game_order():
     breakout_like = torch.full((5, *SHAPE), 10, dtype=torch.uint8)
-    breakout_like[0, :, :8, :8] = 255  # an object in one frame does not move the median
+    breakout_like[0, :, :8, :8] = 255  # an object in one frame moves the mean, not the median
     pong_like = torch.full((4, *SHAPE), 200, dtype=torch.uint8)
     frames = torch.cat([pong_like, breakout_like])
     game_ids = torch.tensor([1] * 4 + [0] * 5)
-    backgrounds = game_backgrounds(frames, game_ids, 2)
-    assert backgrounds.shape == (2, *SHAPE)
+    means, backgrounds = game_references(frames, game_ids, 2)
+    assert means.shape == backgrounds.shape == (2, *SHAPE)
     assert torch.all(backgrounds[0] == 10 / 255) and torch.all(backgrounds[1] == 200 / 255)
-    with pytest.raises(ValueError, match="no frames"):
-        game_backgrounds(frames, game_ids, 3)  # game 2 has no frames
+    assert means[0, 0, 0, 0].item() == pytest.approx((4 * 10 + 255) / 5 / 255)
+    assert means[0, 0, 9, 9].item() == pytest.approx(10 / 255)
+    assert torch.all(means[1] == 200 / 255)
+    with pytest.raises(ValueError, match="no frames of game 2"):
+        game_references(frames, game_ids, 3)

@@ -24,7 +24,7 @@ from atari_vae.data import load_games, split_by_episode
 from atari_vae.envs import parse_games, to_float
 from atari_vae.jobs import RUN_ID_FILE
 from atari_vae.losses import foreground_mask
-from atari_vae.metrics import game_backgrounds, reference_frames
+from atari_vae.metrics import game_references, psnr_from_mse, reference_frames
 from atari_vae.model import VAE
 from atari_vae.train import fit, lr_factor
 from atari_vae.tune import foreground_fraction
@@ -225,7 +225,7 @@ def test_warm_up_takes_at_most_a_tenth_of_a_short_run():
     assert lr_factor(7, total_steps=84, warmup_steps=28) == pytest.approx(1.0)
 
 
-def test_a_multi_game_run_weighs_and_scores_each_frame_against_its_own_games_background(
+def test_a_multi_game_run_weighs_and_scores_each_frame_against_its_own_games_references(
         tmp_path):
     cfg = TrainConfig(**tiny_train_flags(tmp_path / "out", env_name="Breakout,Pong", epochs=1))
     frames = load_games(parse_games(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed)
@@ -233,10 +233,16 @@ def test_a_multi_game_run_weighs_and_scores_each_frame_against_its_own_games_bac
     result = fit(cfg, train_set, val_set)
 
     val_frames = to_float(val_set.frames_uint8)
-    own = game_backgrounds(train_set.frames_uint8, train_set.game_ids, len(train_set.games))
-    own_fraction = foreground_mask(val_frames, own[val_set.game_ids]).float().mean().item()
-    assert result.val_metrics["fg_fraction"] == pytest.approx(own_fraction, rel=1e-6)
-    assert foreground_fraction(train_set, val_set) == pytest.approx(own_fraction, rel=1e-6)
+    means, backgrounds = game_references(train_set.frames_uint8, train_set.game_ids,
+                                         len(train_set.games))
+    own_fraction = foreground_mask(val_frames, backgrounds[val_set.game_ids]).float().mean()
+    assert result.val_metrics["fg_fraction"] == pytest.approx(own_fraction.item(), rel=1e-6)
+    assert foreground_fraction(train_set, val_set) == pytest.approx(own_fraction.item(),
+                                                                    rel=1e-6)
     # One median over both games would call most of one game's backdrop foreground.
-    mixed = reference_frames(train_set.frames_uint8)[1]
-    assert foreground_mask(val_frames, mixed).float().mean().item() > 2 * own_fraction
+    mixed_mean, mixed_background = reference_frames(train_set.frames_uint8)
+    assert foreground_mask(val_frames, mixed_background).float().mean() > 2 * own_fraction
+    # The baseline is "output your game's mean frame", not one mean over both games.
+    own_mse = (val_frames - means[val_set.game_ids]).pow(2).mean().item()
+    assert result.val_metrics["baseline_psnr"] == pytest.approx(psnr_from_mse(own_mse), abs=1e-3)
+    assert psnr_from_mse((val_frames - mixed_mean).pow(2).mean().item()) < psnr_from_mse(own_mse)
