@@ -103,10 +103,10 @@ def score_model(model: VAE, frames_uint8: torch.Tensor, mean_frame: torch.Tensor
         fg_counts.append(foreground_mask(x, background).flatten(1).sum(1).cpu())
         return model.decode(mu)
 
-    batches = (to_float(frames_uint8[i:i + EVAL_BATCH].to(device))
+    batches = ((to_float(frames_uint8[i:i + EVAL_BATCH].to(device)), mean_frame, background)
                for i in range(0, len(frames_uint8), EVAL_BATCH))
     model.eval()
-    metrics = score(reconstruct, batches, mean_frame, background)
+    metrics = score(reconstruct, batches)
     mu, logvar = torch.cat(mus), torch.cat(logvars)
     metrics.update(latent_stats(mu, logvar))
     metrics["n_frames"] = float(len(frames_uint8))

@@ -97,7 +97,7 @@ class GameReferences(NamedTuple):
 
     def of(self, game_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean frames, backgrounds) of these frames' games: (1, 3, H, W) each for one game."""
-        return background_of(self.means, game_ids), background_of(self.backgrounds, game_ids)
+        return per_frame(self.means, game_ids), per_frame(self.backgrounds, game_ids)
 
     def to(self, device: torch.device | str) -> GameReferences:
         return GameReferences(self.means.to(device), self.backgrounds.to(device))
@@ -117,9 +117,10 @@ def game_references(frames_uint8: torch.Tensor, game_ids: torch.Tensor,
     return GameReferences(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
 
-def background_of(backgrounds: torch.Tensor, game_ids: torch.Tensor) -> torch.Tensor:
-    """Each frame's game's image: ``backgrounds`` itself for one game, else (N, 3, H, W)."""
-    return backgrounds if len(backgrounds) == 1 else backgrounds[game_ids]
+def per_frame(per_game: torch.Tensor, game_ids: torch.Tensor) -> torch.Tensor:
+    """Each frame's game's image (a mean frame or background): ``per_game`` itself for one
+    game, else (N, 3, H, W)."""
+    return per_game if len(per_game) == 1 else per_game[game_ids]
 
 
 class Scorer:
@@ -144,14 +145,15 @@ class Scorer:
         return results
 
 
-def score(reconstruct: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor],
-          mean_frame: torch.Tensor, background: torch.Tensor) -> dict[str, float]:
+def score(reconstruct: Callable[[torch.Tensor], torch.Tensor],
+          batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """Model metrics and ``baseline_*`` metrics of the mean frame, on the same batches.
 
-    ``reconstruct`` maps a float batch to its reconstruction; ``batches`` yields float batches.
+    ``reconstruct`` maps a float batch to its reconstruction; ``batches`` yields (float batch,
+    its mean frame, its background), as ``Scorer.update`` takes them.
     """
     scorer = Scorer()
-    for x in batches:
+    for x, mean_frame, background in batches:
         scorer.update(reconstruct(x), x, mean_frame, background)
     return scorer.compute()
 

@@ -26,9 +26,10 @@ from atari_vae.losses import pixel_weights, vae_loss
 from atari_vae.metrics import (
     GameReferences,
     Scorer,
-    background_of,
     game_references,
     median_background,
+    per_frame,
+    score,
 )
 from atari_vae.model import VAE
 from atari_vae.runtime import autocast, resolve_device, resolve_precision, seed_everything
@@ -182,7 +183,7 @@ def _train_epoch(model, optimizer, scheduler, frames, game_ids, backgrounds, cfg
         x = to_float(frames[index])
         with autocast(frames.device, dtype):
             x_hat, mu, logvar = model(x)
-        weights = pixel_weights(x, background_of(backgrounds, game_ids[index]), cfg.fg_weight,
+        weights = pixel_weights(x, per_frame(backgrounds, game_ids[index]), cfg.fg_weight,
                                 x_hat)
         terms = vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits)
         optimizer.zero_grad(set_to_none=True)
@@ -340,9 +341,7 @@ def _finish(out, model, state, cfg, val, refs, device) -> TrainResult:
     best.load_state_dict(torch.load(out / "best_model.pt", map_location=device,
                                     weights_only=True))
     best.eval()
-    scorer = Scorer()
     with torch.no_grad():
-        for x, mean_frame, background in _batches(val, refs, EVAL_BATCH):
-            scorer.update(best(x)[0], x, mean_frame, background)
-    return TrainResult(best, state.best_epoch, state.best_val_loss, scorer.compute(),
-                       state.history, files)
+        val_metrics = score(lambda x: best(x)[0], _batches(val, refs, EVAL_BATCH))
+    return TrainResult(best, state.best_epoch, state.best_val_loss, val_metrics, state.history,
+                       files)

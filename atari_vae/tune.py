@@ -39,7 +39,7 @@ from atari_vae.errors import AtariVaeError, ConfigError
 from atari_vae.files import atomic_path
 from atari_vae.jobs import check_output_dir
 from atari_vae.losses import foreground_mask
-from atari_vae.metrics import background_of, balanced_psnr, game_references
+from atari_vae.metrics import balanced_psnr, game_references, per_frame
 from atari_vae.runtime import resolve_device
 from atari_vae.train import fit
 
@@ -198,7 +198,7 @@ def foreground_fraction(train_set: FrameSet, val_set: FrameSet, chunk: int = 102
                                   len(train_set.games)).backgrounds
     frames, game_ids = val_set.frames_uint8, val_set.game_ids
     fg = sum(foreground_mask(to_float(frames[i:i + chunk]),
-                             background_of(backgrounds, game_ids[i:i + chunk])).sum().item()
+                             per_frame(backgrounds, game_ids[i:i + chunk])).sum().item()
              for i in range(0, len(frames), chunk))
     return fg / (len(frames) * frames.shape[2] * frames.shape[3])
 

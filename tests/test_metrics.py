@@ -16,8 +16,9 @@ def _score(recon_fn, frames, mean_frame=None, background=None, batch=None):
     mean_frame = frames.mean(0, keepdim=True) if mean_frame is None else mean_frame
     background = torch.zeros(1, *SHAPE) if background is None else background
     batch = batch or len(frames)
-    batches = [frames[i:i + batch] for i in range(0, len(frames), batch)]
-    return score(recon_fn, batches, mean_frame, background)
+    batches = [(frames[i:i + batch], mean_frame, background)
+               for i in range(0, len(frames), batch)]
+    return score(recon_fn, batches)
 
 
 def _frames_with_square(n: int = 4, size: int = 2) -> torch.Tensor:
