@@ -66,8 +66,10 @@ class TrainConfig(DataConfig):
     output_dir: str = flag("outputs/vae_training", "Where models, checkpoints and plots go.")
     checkpoint_freq: int = flag(10, "Save a checkpoint and reconstructions every N epochs.")
     experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
-    resume: bool = flag(False, "Continue from the newest checkpoint in output_dir.",
-                        cli_only=True)
+    resume: bool = flag(
+        False, "Continue the run recorded in output_dir from its newest checkpoint, with the "
+        "same flags (--epochs may grow; added epochs run at the schedule's final 5%).",
+        cli_only=True)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""

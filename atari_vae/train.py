@@ -143,7 +143,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Share of ``--lr`` at an optimizer step: linear warm-up, then cosine decay to 5 %, then 5 %.
+    """Share of ``--lr`` at an optimizer step: linear warm-up, cosine decay to 5 %, then 5 %.
 
     The warm-up (one epoch, at most a tenth of the run) keeps the first Adam steps at a high
     learning rate from blowing up the loss (seen at 4e-3 without it: a 20x first-epoch loss).
@@ -321,9 +321,9 @@ def _resume_mismatch(ckpt: dict[str, Any], cfg: TrainConfig, run_token: str) -> 
                 f"may stay or grow on resume")
     precision = PRECISION_NAMES[resolve_precision(cfg.precision, resolve_device(cfg.device))]
     if ckpt.get("precision", precision) != precision:
-        return (f"it was trained with --precision {ckpt['precision']}, not {precision} "
-                f"(--precision {cfg.precision} here); resume with --precision "
-                f"{ckpt['precision']}")
+        meaning = " (what --precision auto means here)" if cfg.precision == "auto" else ""
+        return (f"it was trained with --precision {ckpt['precision']}, not {precision}"
+                f"{meaning}; resume with --precision {ckpt['precision']}")
     if len(parse_games(cfg.env_name)) > 1 and ckpt.get("loss_version", 1) != LOSS_VERSION:
         return ("it was written before multi-game runs weighed each game against its own "
                 "background, so its losses are not comparable; start a new run")
