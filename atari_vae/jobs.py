@@ -39,6 +39,7 @@ def train_job(cfg: TrainConfig) -> TrainResult:
     else:
         check_fresh(out)
         trained_for = cfg.epochs
+    tracking.configure(cfg.experiment_name)  # an unreachable server, too, before any file
     with claimed(out, cfg.resume) as run_token:
         return _tracked_training(cfg, games, run_token, trained_for)
 
@@ -47,7 +48,6 @@ def _tracked_training(cfg: TrainConfig, games: list[Game], run_token: str,
                       trained_for: int) -> TrainResult:
     """Collect, split and fit inside the directory's MLflow run (a new one unless resuming)."""
     out = Path(cfg.output_dir)
-    tracking.configure(cfg.experiment_name)
     run_id_file = out / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if cfg.resume and run_id_file.exists() else None
     if run_id and os.environ.get("MLFLOW_RUN_ID"):
