@@ -51,7 +51,7 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _sigterm(signum: int, frame: Any) -> None:
+def _interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -59,7 +59,9 @@ def friendly_errors(func: Callable) -> Callable:
     """Turn user-fixable errors into one line on stderr and exit 1, never a traceback."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        signal.signal(signal.SIGTERM, _sigterm)  # a killed job ends KILLED in MLflow
+        for name in ("SIGTERM", "SIGHUP"):  # a killed job ends KILLED in MLflow
+            if hasattr(signal, name):  # Windows has no SIGHUP
+                signal.signal(getattr(signal, name), _interrupted)
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         if not logging.getLogger().handlers:  # scripts call the command without the group
             _setup_logging(verbose=False)

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from atari_vae.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+MAX_EXPERIMENT_NAME_LENGTH = 500  # MLflow's limit (mlflow.utils.validation)
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 
@@ -65,8 +66,10 @@ class TrainConfig(DataConfig):
     output_dir: str = flag("outputs/vae_training", "Where models, checkpoints and plots go.")
     checkpoint_freq: int = flag(10, "Save a checkpoint and reconstructions every N epochs.")
     experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
-    resume: bool = flag(False, "Continue from the newest checkpoint in output_dir.",
-                        cli_only=True)
+    resume: bool = flag(
+        False, "Continue the run recorded in output_dir from its newest checkpoint, with the "
+        "same flags (--epochs may grow; added epochs run at the schedule's final 5%).",
+        cli_only=True)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
@@ -105,6 +108,7 @@ class EvaluateConfig:
         """Raise ConfigError naming the first bad value and what is allowed."""
         _positive(self, "num_samples", "max_steps")
         _choice(self, "device", DEVICE_CHOICES, prefix=True)
+        _experiment_name(self)
 
 
 @dataclass
@@ -175,6 +179,17 @@ def fields_of(config_cls: type) -> list[dataclasses.Field]:
 def _validate_common(cfg: Any) -> None:
     _positive(cfg, "num_episodes", "max_steps")
     _choice(cfg, "device", DEVICE_CHOICES, prefix=True)
+    _experiment_name(cfg)
+
+
+def _experiment_name(cfg: Any) -> None:
+    # An empty name would log into MLflow's "Default" experiment without a word.
+    name = cfg.experiment_name
+    if not name.strip():
+        raise ConfigError(f"--experiment_name must not be empty, got {name!r}")
+    if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
+        raise ConfigError(f"--experiment_name may have at most {MAX_EXPERIMENT_NAME_LENGTH} "
+                          f"characters, got {len(name)}")
 
 
 def _positive(cfg: Any, *names: str) -> None:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from atari_vae.envs import FRAME_SHAPE, FRAMESKIP, STICKY_ACTION_PROB, Game, make_vector_env
-from atari_vae.files import atomic_path
+from atari_vae.files import atomic_path, first_line
 
 log = logging.getLogger(__name__)
 
@@ -202,15 +201,11 @@ def load_or_collect(game: Game, num_episodes: int, max_steps: int, seed: int,
     path = cache_dir() / f"{cache_key(game, num_episodes, max_steps, seed)}.npz"
     if path.exists():
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                log.info("loaded %d cached frames from %s", len(npz["steps"]), path)
-                return FrameSet(torch.from_numpy(npz["frames"]),
-                                torch.from_numpy(npz["episode_ids"]),
-                                torch.from_numpy(npz["steps"]),
-                                torch.zeros(len(npz["steps"]), dtype=torch.int64),
-                                (game.title,))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # truncated file
-            log.warning("ignoring unreadable cache file %s (%s); collecting again", path, exc)
+            frames = _read_cached(path, game)
+            log.info("loaded %d cached frames from %s", len(frames), path)
+            return frames
+        except Exception as exc:  # empty, truncated or foreign: whatever it is, collect again
+            log.warning("unreadable cache file %s (%s); collecting again", path, first_line(exc))
     frames = collect_episodes(game, num_episodes, max_steps, seed, progress)
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -220,6 +215,19 @@ def load_or_collect(game: Game, num_episodes: int, max_steps: int, seed: int,
     except OSError as exc:  # a read-only or full cache must not cost the run
         log.warning("could not cache frames at %s: %s", path, exc)
     return frames
+
+
+def _read_cached(path: Path, game: Game) -> FrameSet:
+    """A cached FrameSet; raises if the file is not one (any error: the caller recollects)."""
+    with np.load(path, allow_pickle=False) as npz:
+        frames, episode_ids, steps = npz["frames"], npz["episode_ids"], npz["steps"]
+    if (frames.dtype != np.uint8 or frames.shape[1:] != FRAME_SHAPE
+            or not len(frames) == len(episode_ids) == len(steps) > 0):
+        raise ValueError(f"not a frame cache: frames {frames.dtype} {frames.shape}, "
+                         f"{len(episode_ids)} episode ids, {len(steps)} steps")
+    return FrameSet(torch.from_numpy(frames), torch.from_numpy(episode_ids),
+                    torch.from_numpy(steps), torch.zeros(len(steps), dtype=torch.int64),
+                    (game.title,))
 
 
 def load_games(games: list[Game], num_episodes: int, max_steps: int, seed: int,

@@ -50,4 +50,9 @@ def load_error_reason(exc: Exception) -> str:
     """One line saying why a ``torch.load(..., weights_only=True)`` of a model file failed."""
     if isinstance(exc, pickle.UnpicklingError):  # torch's text advises weights_only=False
         return "not a tensor-only torch file; pickled objects are never loaded"
+    return first_line(exc)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -9,28 +9,20 @@ from pathlib import Path
 from atari_vae import registry, tracking
 from atari_vae.config import TrainConfig
 from atari_vae.data import load_games, split_by_episode
-from atari_vae.envs import parse_games
-from atari_vae.errors import ConfigError
+from atari_vae.envs import Game, parse_games
 from atari_vae.files import atomic_write_text
+from atari_vae.rundir import (
+    check_free,
+    check_fresh,
+    check_output_dir,
+    claimed,
+    recorded_token,
+)
 from atari_vae.runtime import resolve_device
 from atari_vae.train import TrainResult, fit, read_checkpoint
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id.txt"
-
-
-def check_output_dir(path: str) -> Path:
-    """Create ``path`` if needed; a ConfigError if it is a file or not writable."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output_dir {path} is a file; give a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--output_dir {path} cannot be created: {exc.strerror}") from exc
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output_dir {path} is not writable")
-    return out
 
 
 def train_job(cfg: TrainConfig) -> TrainResult:
@@ -39,9 +31,23 @@ def train_job(cfg: TrainConfig) -> TrainResult:
     games = parse_games(cfg.env_name)
     resolve_device(cfg.device)
     out = check_output_dir(cfg.output_dir)
-    if cfg.resume:  # a missing or unusable checkpoint fails before MLflow and collection
-        read_checkpoint(out, cfg)
-    tracking.configure(cfg.experiment_name)
+    # Refused before MLflow, collection or any file: a directory in use, a missing or foreign
+    # checkpoint, other flags, or (fresh) a directory that already holds a run.
+    check_free(out)
+    if cfg.resume:
+        trained_for = read_checkpoint(out, cfg, recorded_token(out))[1]["config"]["epochs"]
+    else:
+        check_fresh(out)
+        trained_for = cfg.epochs
+    tracking.configure(cfg.experiment_name)  # an unreachable server, too, before any file
+    with claimed(out, cfg.resume) as run_token:
+        return _tracked_training(cfg, games, run_token, trained_for)
+
+
+def _tracked_training(cfg: TrainConfig, games: list[Game], run_token: str,
+                      trained_for: int) -> TrainResult:
+    """Collect, split and fit inside the directory's MLflow run (a new one unless resuming)."""
+    out = Path(cfg.output_dir)
     run_id_file = out / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if cfg.resume and run_id_file.exists() else None
     if run_id and os.environ.get("MLFLOW_RUN_ID"):
@@ -59,10 +65,12 @@ def train_job(cfg: TrainConfig) -> TrainResult:
             tracking.log_config(cfg)
         if lost:
             tracking.set_tags({"resumed_from_run_id": lost})
+        if cfg.epochs != trained_for:  # a param cannot change: the tag says what ran
+            tracking.set_tags({"epochs_extended_to": cfg.epochs})
         frames = load_games(games, cfg.num_episodes, cfg.max_steps, cfg.seed)
         train_set, val_set = split_by_episode(frames, cfg.val_split, cfg.seed)
         tracking.log_metrics({"n_train_frames": len(train_set), "n_val_frames": len(val_set)})
-        result = fit(cfg, train_set, val_set, tracking.MlflowTrainHooks())
+        result = fit(cfg, train_set, val_set, tracking.MlflowTrainHooks(), run_token)
         tracking.log_metrics({**result.val_metrics, "best_epoch": result.best_epoch},
                              step=cfg.epochs)
         tracking.log_files(list(result.files.values()))

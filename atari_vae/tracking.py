@@ -141,7 +141,8 @@ def base_tags(job: str, games: list[str]) -> dict[str, str]:
 @contextlib.contextmanager
 def tracked_run(run_name: str | None = None, tags: dict[str, str] | None = None,
                 nested: bool = False, run_id: str | None = None) -> Iterator[Any]:
-    """A run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
+    """A run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C (and on
+    SIGTERM or SIGHUP, which the CLI turns into KeyboardInterrupt).
 
     Under ``mlflow run`` (MLFLOW_RUN_ID set) the top-level run is the one MLflow created.
     """

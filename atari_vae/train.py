@@ -67,8 +67,11 @@ class TrainResult:
 
 
 def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
-        hooks: TrainHooks | None = None) -> TrainResult:
-    """Train a VAE on ``train_set``, validating on ``val_set`` each epoch; resumable."""
+        hooks: TrainHooks | None = None, run_token: str = "") -> TrainResult:
+    """Train a VAE on ``train_set``, validating on ``val_set`` each epoch; resumable.
+
+    ``run_token`` marks this run's checkpoints; ``--resume`` continues only a matching one.
+    """
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     out = Path(cfg.output_dir)
@@ -92,15 +95,19 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
     # One fused kernel instead of ~10 ops per parameter: +2-4 % images/s on CPU (measured).
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
                                  fused=device.type in ("cpu", "cuda"))
+    path, ckpt = read_checkpoint(out, cfg, run_token) if cfg.resume else (out, None)
+    # The schedule is the one the run started with; epochs added on resume run at its end rate.
+    state = TrainingState(history=[], run_token=run_token,
+                          schedule_epochs=schedule_epochs(ckpt) if ckpt else cfg.epochs)
     epoch_frames = len(train_set.games) * int(torch.bincount(train_set.game_ids).max())
     steps_per_epoch = math.ceil(epoch_frames / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, total_steps=cfg.epochs * steps_per_epoch,
+        optimizer, functools.partial(lr_factor,
+                                     total_steps=state.schedule_epochs * steps_per_epoch,
                                      warmup_steps=steps_per_epoch))
     order_rng = torch.Generator().manual_seed(cfg.seed)
-    state = TrainingState(history=[])
-    if cfg.resume:
-        state = load_latest_checkpoint(out, cfg, model, optimizer, scheduler, order_rng)
+    if ckpt:
+        restore_checkpoint(path, ckpt, state, model, optimizer, scheduler, order_rng)
 
     bar = tqdm(range(state.epoch + 1, cfg.epochs + 1), desc="train", unit="epoch",
                initial=state.epoch, total=cfg.epochs, disable=None)
@@ -128,7 +135,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
             hooks.on_epoch_end(epoch, stats)
         if epoch % cfg.checkpoint_freq == 0 or epoch == cfg.epochs:
             files = _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg,
-                                val.frames_uint8)
+                                dtype, val.frames_uint8)
             if hooks:
                 hooks.on_checkpoint(epoch, files)
     bar.close()
@@ -136,7 +143,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Share of ``--lr`` at an optimizer step: linear warm-up, then cosine decay to 5 %.
+    """Share of ``--lr`` at an optimizer step: linear warm-up, cosine decay to 5 %, then 5 %.
 
     The warm-up (one epoch, at most a tenth of the run) keeps the first Adam steps at a high
     learning rate from blowing up the loss (seen at 4e-3 without it: a 20x first-epoch loss).
@@ -153,6 +160,8 @@ class TrainingState:
     """Loop bookkeeping that a checkpoint must restore."""
 
     history: list[dict[str, float]]
+    run_token: str = ""
+    schedule_epochs: int = 0  # the --epochs the learning-rate schedule was laid out for
     epoch: int = 0
     best_epoch: int = 0
     best_val_loss: float = math.inf
@@ -245,7 +254,7 @@ def _preview(model: VAE, val_frames: torch.Tensor, path: Path, title: str) -> Pa
     return plots.reconstructions(x, model(x)[0], path, title)
 
 
-def _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg,
+def _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg, dtype,
                 val_frames) -> list[Path]:
     """Full training state (tensors and plain types only: loadable with weights_only=True)."""
     ckpt = {
@@ -261,6 +270,9 @@ def _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg,
         "history": state.history,
         "config": dataclasses.asdict(cfg),
         "loss_version": LOSS_VERSION,
+        "run_token": state.run_token,
+        "schedule_epochs": state.schedule_epochs,
+        "precision": PRECISION_NAMES[dtype],
     }
     path = out / f"checkpoint_epoch_{epoch}.pt"
     _save_atomic(ckpt, path)
@@ -276,9 +288,11 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-# Flags a resumed run must share with the checkpoint: they fix the frames, split and model.
+# Flags a resumed run must share with the checkpoint: they fix the frames, split, model, loss
+# and optimiser. --precision is compared as resolved (bf16 or fp32); --epochs may grow.
 RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split", "latent_dim",
-                     "batch_size")
+                     "batch_size", "lr", "kl_weight", "fg_weight", "free_bits")
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def _same_flag(name: str, saved: Any, given: Any) -> bool:
@@ -287,44 +301,67 @@ def _same_flag(name: str, saved: Any, given: Any) -> bool:
     return saved == given
 
 
-def read_checkpoint(out: Path, cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint in ``out`` (weights only), checked to come from a run like ``cfg``."""
+def schedule_epochs(ckpt: dict[str, Any]) -> int:
+    """The --epochs a checkpoint's learning-rate schedule was laid out for."""
+    return ckpt.get("schedule_epochs", ckpt["config"]["epochs"])
+
+
+def _resume_mismatch(ckpt: dict[str, Any], cfg: TrainConfig, run_token: str) -> str | None:
+    """Why ``cfg`` cannot continue ``ckpt``, in words; None when it can."""
+    if ckpt.get("run_token", "") != run_token:
+        return ("it belongs to another training run than the one this directory records; "
+                "give another --output_dir for a new run")
+    saved = ckpt["config"]
+    for name in RESUME_MUST_MATCH:  # load_state_dict's own message is many lines long
+        if not _same_flag(name, saved[name], getattr(cfg, name)):
+            return (f"it was trained with --{name} {saved[name]}, not {getattr(cfg, name)}; "
+                    f"resume with the run's original flags")
+    if cfg.epochs < saved["epochs"]:
+        return (f"it was trained with --epochs {saved['epochs']}, not {cfg.epochs}; --epochs "
+                f"may stay or grow on resume")
+    precision = PRECISION_NAMES[resolve_precision(cfg.precision, resolve_device(cfg.device))]
+    if ckpt.get("precision", precision) != precision:
+        meaning = " (what --precision auto means here)" if cfg.precision == "auto" else ""
+        return (f"it was trained with --precision {ckpt['precision']}, not {precision}"
+                f"{meaning}; resume with --precision {ckpt['precision']}")
+    if len(parse_games(cfg.env_name)) > 1 and ckpt.get("loss_version", 1) != LOSS_VERSION:
+        return ("it was written before multi-game runs weighed each game against its own "
+                "background, so its losses are not comparable; start a new run")
+    return None
+
+
+def read_checkpoint(out: Path, cfg: TrainConfig, run_token: str = "") -> tuple[Path, dict]:
+    """The newest checkpoint in ``out`` (weights only), checked to be this run's, like ``cfg``."""
     path = latest_checkpoint(out)
     if path is None:
         raise AtariVaeError(f"--resume: no checkpoint_epoch_*.pt in {out} to resume from")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ckpt["config"]
-        for name in RESUME_MUST_MATCH:  # load_state_dict's own message is many lines long
-            if not _same_flag(name, saved[name], getattr(cfg, name)):
-                raise ValueError(f"it was trained with --{name} {saved[name]}, not "
-                                 f"{getattr(cfg, name)}; resume with the run's original flags")
-        if len(parse_games(cfg.env_name)) > 1 and ckpt.get("loss_version", 1) != LOSS_VERSION:
-            raise ValueError("it was written before multi-game runs weighed each game against "
-                             "its own background, so its losses are not comparable; start a "
-                             "new run")
-    except Exception as exc:  # truncated file, foreign file, other flags
+        mismatch = _resume_mismatch(ckpt, cfg, run_token)
+    except Exception as exc:  # truncated file, foreign file
         raise AtariVaeError(f"--resume: cannot restore {path}: {load_error_reason(exc)}") from exc
+    if mismatch:
+        raise AtariVaeError(f"--resume: cannot restore {path}: {mismatch}")
     return path, ckpt
 
 
-def load_latest_checkpoint(out: Path, cfg: TrainConfig, model, optimizer, scheduler,
-                           order_rng: torch.Generator) -> TrainingState:
-    """Restore model, optimizer, schedule, RNG states and history from the newest checkpoint."""
-    path, ckpt = read_checkpoint(out, cfg)
+def restore_checkpoint(path: Path, ckpt: dict[str, Any], state: TrainingState, model,
+                       optimizer, scheduler, order_rng: torch.Generator) -> None:
+    """Restore model, optimizer, schedule, RNG states and loop bookkeeping from ``ckpt``."""
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
     except Exception as exc:  # a foreign file that happens to have the keys
-        raise AtariVaeError(f"--resume: cannot restore {path}: {load_error_reason(exc)}") from exc
+        raise AtariVaeError(f"--resume: cannot restore {path}: {load_error_reason(exc)}") \
+            from exc
     torch.set_rng_state(ckpt["torch_rng"])
     if ckpt["cuda_rng"]:
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     order_rng.set_state(ckpt["order_rng"])
     log.info("resuming from %s (epoch %d)", path, ckpt["epoch"])
-    return TrainingState(history=list(ckpt["history"]), epoch=ckpt["epoch"],
-                         best_epoch=ckpt["best_epoch"], best_val_loss=ckpt["best_val_loss"])
+    state.history, state.epoch = list(ckpt["history"]), ckpt["epoch"]
+    state.best_epoch, state.best_val_loss = ckpt["best_epoch"], ckpt["best_val_loss"]
 
 
 def _finish(out, model, state, cfg, val, refs, device) -> TrainResult:

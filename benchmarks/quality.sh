@@ -19,6 +19,7 @@ for game in $games; do
   for recipe in ${RECIPES:-ours plain}; do
     extra=""; [ "$recipe" = plain ] && extra="--fg_weight 1 --kl_weight 1"
     dir=$root/$game-$recipe
+    rm -rf "$dir"  # a re-run replaces its own earlier run (train refuses a taken --output_dir)
     start=$(date +%s)
     .venv/bin/atari-vae train --env_name "$game" $flags $extra --output_dir "$dir/train" \
       --checkpoint_freq 1000 --experiment_name atari-vae-quality

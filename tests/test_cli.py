@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from atari_vae import cli
+from atari_vae import cli, config
 from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
+from atari_vae.data import cache_dir, cache_key
+from atari_vae.envs import resolve_game
 from tests.conftest import REPO, tiny_train_flags
 
 COMMANDS = [("train", TrainConfig), ("evaluate", EvaluateConfig), ("tune", TuneConfig)]
@@ -112,11 +115,14 @@ BAD_TRAIN_INPUT = [
     (dict(device="cuda:1"), "--device cuda:1: CUDA is not available"),
     (dict(device="tpu"), "--device must be one of"),
     (dict(resume=True), "--resume: no checkpoint_epoch_*.pt"),
+    (dict(experiment_name=""), "--experiment_name must not be empty"),
+    (dict(experiment_name=" "), "--experiment_name must not be empty"),
+    (dict(experiment_name="x" * 501), "--experiment_name may have at most 500 characters"),
 ]
 
 
 @pytest.mark.parametrize("overrides, message", BAD_TRAIN_INPUT,
-                         ids=[next(iter(o)) + "=" + str(next(iter(o.values())))
+                         ids=[next(iter(o)) + "=" + str(next(iter(o.values())))[:20]
                               for o, _ in BAD_TRAIN_INPUT])
 def test_bad_train_input_gives_one_error_line_nonzero_exit_and_no_files(tmp_path, overrides,
                                                                         message):
@@ -192,3 +198,34 @@ def test_tune_has_no_resume_flag_because_a_study_continues_from_its_storage():
     result = CliRunner().invoke(cli.main, ["tune", "--resume"])
     assert result.exit_code == 2 and "No such option '--resume'" in result.output
     assert "resume" in {f.name for f in fields_of(TrainConfig)}
+
+
+def test_the_experiment_name_limit_is_mlflows():
+    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
+
+    assert config.MAX_EXPERIMENT_NAME_LENGTH == MAX_EXPERIMENT_NAME_LENGTH
+
+
+def test_evaluate_refuses_an_empty_experiment_name_before_any_work(tmp_path):
+    result = CliRunner().invoke(cli.evaluate, ["--experiment_name", "", "--output_dir",
+                                               str(tmp_path / "eval")])
+    assert result.exit_code == 1
+    assert result.stderr == "Error: --experiment_name must not be empty, got ''\n"
+    assert not _files_under(tmp_path)
+
+
+def test_an_empty_cached_frame_file_is_collected_again_instead_of_aborting_the_run(
+        tmp_path, monkeypatch, caplog):
+    # np.load of an empty file raises EOFError, which click would report as "Aborted!".
+    monkeypatch.setenv("ATARI_VAE_CACHE_DIR", str(tmp_path / "cache"))
+    flags = tiny_train_flags(tmp_path / "out", epochs=1)
+    cached = cache_dir() / f"{cache_key(resolve_game('Breakout'), 3, 60, 42)}.npz"
+    assert (flags["num_episodes"], flags["max_steps"]) == (3, 60)
+    cached.parent.mkdir()
+    cached.write_bytes(b"")
+    result = CliRunner().invoke(cli.train, _train_args(tmp_path / "out", epochs=1))
+    assert result.exit_code == 0, result.output
+    assert "Aborted" not in result.output
+    assert any(r.getMessage().startswith(f"unreadable cache file {cached}")
+               for r in caplog.records)
+    assert np.load(cached)["frames"].shape[1:] == (3, 64, 64)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,14 +80,38 @@ def test_cache_hit_returns_identical_frames_without_collecting_again(private_cac
     assert list(private_cache.iterdir()) == files and files[0].stat().st_mtime_ns == stamp
 
 
-def test_unreadable_cache_file_is_collected_again_and_replaced(private_cache):
+def _npz(**arrays: np.ndarray):
+    def write(path: Path) -> None:
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+    return write
+
+
+UNREADABLE = {
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:200]),  # as after a crash
+    "empty": lambda path: path.write_bytes(b""),
+    "not a zip": lambda path: path.write_bytes(b"\x00" * 5000),
+    "pickled arrays": _npz(frames=np.array([object()]), episode_ids=np.zeros(1),
+                           steps=np.zeros(1)),
+    "frames of another shape": _npz(frames=np.zeros((2, 64, 64, 3), np.uint8),
+                                    episode_ids=np.zeros(2), steps=np.zeros(2)),
+}
+
+
+@pytest.mark.parametrize("damage", UNREADABLE.values(), ids=UNREADABLE.keys())
+def test_an_unreadable_cache_file_of_any_kind_is_reported_in_one_line_and_collected_again(
+        private_cache, caplog, damage):
     first = load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False)
     (path,) = private_cache.iterdir()
-    path.write_bytes(path.read_bytes()[:200])  # a truncated file, as after a crash
-    again = load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False)
+    damage(path)
+    with caplog.at_level(logging.WARNING, logger="atari_vae.data"):
+        again = load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False)
     assert _same(first, again)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.startswith(f"unreadable cache file {path} (") and "\n" not in warning
+    assert warning.endswith("); collecting again")
     assert _same(load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False), first)
-    assert [p.name for p in private_cache.iterdir()] == [path.name]  # no temp files left
+    assert [p.name for p in private_cache.iterdir()] == [path.name]  # rewritten, no temp files
 
 
 @pytest.mark.parametrize("change", [dict(game=PONG), dict(num_episodes=4), dict(max_steps=41),

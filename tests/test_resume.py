@@ -1,7 +1,9 @@
-"""Never lose a run: SIGKILL then --resume gives the uninterrupted weights; SIGTERM ends KILLED."""
+"""Never lose or mix runs: SIGKILL then --resume gives the uninterrupted weights; SIGTERM and
+SIGHUP end KILLED; a directory holds one run, and --resume continues only that run, unchanged."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,8 +16,10 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from atari_vae import cli
+from atari_vae.config import TrainConfig
 from atari_vae.files import PARTIAL
 from atari_vae.jobs import RUN_ID_FILE
+from atari_vae.train import MIN_LR_FACTOR
 from tests.conftest import tiny_train_flags
 from tests.test_model import _Payload
 from tests.test_train import cli_args
@@ -97,11 +101,12 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights_and_the_same_mlflo
     assert [h["epoch"] for h in ckpt["history"]] == [1, 2, 3, 4]
 
 
-def test_sigterm_ends_the_mlflow_run_killed_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_ends_the_mlflow_run_killed_and_says_how_to_resume(tmp_path, signum):
     out = tmp_path / "out"
     proc, log = _start(tiny_train_flags(out, epochs=200), tmp_path)
     _wait_for(out / "checkpoint_epoch_1.pt", proc, log)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     proc.wait(timeout=120)
     stderr = log.read_text()
     assert proc.returncode == 130
@@ -199,3 +204,112 @@ def test_a_multi_game_run_resumes_but_not_from_a_checkpoint_of_the_mixed_backgro
         f"Error: --resume: cannot restore {old_style}: it was written before multi-game runs "
         f"weighed each game against its own background, so its losses are not comparable; "
         f"start a new run\n")
+
+
+def _all_runs() -> list:
+    client = MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _refused(flags: dict[str, object]) -> str:
+    """The one error line of a train command that must be refused."""
+    result = CliRunner().invoke(cli.train, cli_args(flags))
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    return lines[0]
+
+
+def test_a_fresh_run_into_a_directory_that_holds_another_run_is_refused_and_changes_nothing(
+        tmp_path):
+    out = tmp_path / "out"
+    flags = tiny_train_flags(out, epochs=1)
+    assert CliRunner().invoke(cli.train, cli_args(flags)).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    line = _refused({**flags, "latent_dim": 4})
+    assert line.startswith(f"Error: --output_dir {out} already holds a training run (")
+    assert "continue it with --resume, or give another --output_dir" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert len(_all_runs()) == 1  # no second MLflow run was opened
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_and_the_first_is_unharmed(tmp_path):
+    out = tmp_path / "out"
+    proc, log = _start(tiny_train_flags(out, epochs=200), tmp_path)
+    try:
+        _wait_for(out / "checkpoint_epoch_1.pt", proc, log)
+        for resume in (False, True):
+            line = _refused({**tiny_train_flags(out, latent_dim=4), "resume": resume})
+            assert line == (f"Error: --output_dir {out} is in use by another training run; "
+                            f"wait for it to end, or give another --output_dir")
+        assert proc.poll() is None, "the first run must still be training"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    assert [r.info.run_id for r in _all_runs()] == [(out / RUN_ID_FILE).read_text().strip()]
+    ckpt = torch.load(out / "checkpoint_epoch_1.pt", weights_only=True)
+    assert ckpt["config"]["latent_dim"] == 8
+
+
+def test_resume_continues_only_the_run_recorded_in_the_directory(tmp_path):
+    # Run A went further; a newer-numbered checkpoint of A in B's directory is not B's.
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    assert CliRunner().invoke(cli.train, cli_args(tiny_train_flags(a_dir, epochs=2))).exit_code == 0
+    b_flags = tiny_train_flags(b_dir, epochs=1)
+    assert CliRunner().invoke(cli.train, cli_args(b_flags)).exit_code == 0
+    b_run = (b_dir / RUN_ID_FILE).read_text().strip()
+    (b_dir / "checkpoint_epoch_2.pt").write_bytes((a_dir / "checkpoint_epoch_2.pt").read_bytes())
+
+    line = _refused({**b_flags, "epochs": 3, "resume": True})
+    assert line == (f"Error: --resume: cannot restore {b_dir / 'checkpoint_epoch_2.pt'}: it "
+                    f"belongs to another training run than the one this directory records; "
+                    f"give another --output_dir for a new run")
+    assert MlflowClient().get_run(b_run).info.status == "FINISHED"  # not reopened
+    assert not (b_dir / "checkpoint_epoch_3.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, frame_cache: Path) -> dict[str, object]:
+    """The flags of one finished tiny run (fp32), shared by the flag-mismatch tests."""
+    root = tmp_path_factory.mktemp("finished")
+    flags = _flags(root / "out", epochs=2, precision="fp32")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "ATARI_VAE_CACHE_DIR": str(frame_cache)}
+    result = subprocess.run([EXE, "train", *cli_args(flags)], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return flags
+
+
+@pytest.mark.parametrize("flag, value, saved", [
+    ("kl_weight", 0.5, 0.1), ("fg_weight", 1.0, 30.0), ("free_bits", 0.5, 0.0),
+    ("lr", 0.001, 0.002), ("precision", "bf16", "fp32"), ("epochs", 1, 2)])
+def test_resume_refuses_each_flag_that_changes_the_result_naming_it(finished, flag, value,
+                                                                    saved):
+    out = Path(str(finished["output_dir"]))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    line = _refused({**finished, "epochs": 3, flag: value, "resume": True})
+    assert line.startswith(f"Error: --resume: cannot restore {out / 'checkpoint_epoch_2.pt'}: "
+                           f"it was trained with --{flag} {saved}, not {value}")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert not Path("mlflow.db").exists()  # refused before any MLflow run
+
+
+def test_a_larger_epochs_extends_the_run_at_the_final_rate_of_its_schedule(tmp_path):
+    out = tmp_path / "out"
+    flags = tiny_train_flags(out, epochs=2)
+    assert CliRunner().invoke(cli.train, cli_args(flags)).exit_code == 0
+    run_id = (out / RUN_ID_FILE).read_text().strip()
+    extended = CliRunner().invoke(cli.train, cli_args({**flags, "epochs": 4, "resume": True}))
+    assert extended.exit_code == 0, extended.output
+
+    ckpt = torch.load(out / "checkpoint_epoch_4.pt", weights_only=True)
+    lrs = [h["lr"] for h in ckpt["history"]]  # the rate after each epoch's last step
+    end_rate = TrainConfig.lr * MIN_LR_FACTOR
+    assert lrs[1:] == pytest.approx([end_rate] * 3, rel=1e-9)
+    assert ckpt["schedule_epochs"] == 2
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and (out / RUN_ID_FILE).read_text().strip() == run_id
+    assert run.data.params["epochs"] == "2" and run.data.tags["epochs_extended_to"] == "4"
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [1, 2, 3, 4]

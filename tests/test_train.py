@@ -26,6 +26,7 @@ from atari_vae.jobs import RUN_ID_FILE
 from atari_vae.losses import foreground_mask
 from atari_vae.metrics import game_references, psnr_from_mse, reference_frames
 from atari_vae.model import VAE
+from atari_vae.rundir import LOCK_FILE, RUN_TOKEN_FILE
 from atari_vae.train import fit, lr_factor
 from atari_vae.tune import foreground_fraction
 from tests.conftest import REPO, tiny_train_flags
@@ -76,9 +77,10 @@ def test_every_output_file_is_written(trained):
     names = {p.name for p in trained.out.iterdir()}
     expected = {"best_model.pt", "final_model.pt", "checkpoint_epoch_2.pt",
                 "checkpoint_epoch_3.pt", "training_curves.png", "reconstructions_epoch_2.png",
-                "reconstructions_epoch_3.png", "final_reconstructions.png", RUN_ID_FILE}
+                "reconstructions_epoch_3.png", "final_reconstructions.png", RUN_ID_FILE,
+                RUN_TOKEN_FILE, LOCK_FILE}
     assert names == expected  # also: no checkpoint for epoch 1, no leftover temp files
-    for name in names - {RUN_ID_FILE}:
+    for name in names - {RUN_ID_FILE, RUN_TOKEN_FILE, LOCK_FILE}:
         head = (trained.out / name).read_bytes()[:8]
         assert head.startswith(b"\x89PNG" if name.endswith(".png") else b"PK"), name
 
@@ -206,7 +208,7 @@ def test_a_full_disk_gives_one_line_naming_the_file_and_the_run_ends_failed(tmp_
     checkpoint = out / "checkpoint_epoch_1.pt"
     assert last.startswith(f"Error: could not write {checkpoint}: File too large")
     assert not checkpoint.exists()
-    assert not list(out.glob(".*")), "no temporary left behind"
+    assert [p.name for p in out.glob(".*")] == [LOCK_FILE], "no temporary left behind"
     run = MlflowClient().get_run((out / RUN_ID_FILE).read_text().strip())
     assert run.info.status == "FAILED"
 
