@@ -15,12 +15,13 @@ from atari_vae.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
-# The quality floor (README "Tuning with Optuna"): a version becomes champion only if, on the
+# The quality floor (README "The champion"): a version becomes champion only if, on the
 # selection frames of every game, its PSNR beats the mean frame's by this many dB AND its
-# fg_accuracy beats the mean frame's by this much (absolute). The recipe without foreground
-# weighting (+1.3 dB, +0.095 on Breakout) fails; the quick test's model (+2.7, +0.48) passes.
-FLOOR_PSNR_MARGIN_DB = 1.0
-FLOOR_FG_ACCURACY_MARGIN = 0.10
+# fg_accuracy beats the mean frame's by this much (absolute). fg_accuracy is the real test: the
+# recipe without foreground weighting (+1.3 dB but +0.095 on Breakout) fails, a quick-test
+# model (+0.86 dB, +0.35 on 64 selection frames) passes.
+FLOOR_PSNR_MARGIN_DB = 0.3
+FLOOR_FG_ACCURACY_MARGIN = 0.15
 # Seed of the episodes a champion is chosen on: apart from evaluate's default (10000) and its
 # reference episodes (+100000), so the figure `evaluate` reports is not the one selected on.
 SELECTION_SEED = 20_000

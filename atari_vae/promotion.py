@@ -313,8 +313,8 @@ def settle_champion(name: str, eval_key: str, rounds: int = 10) -> str | None:
         best = max(scored, key=lambda v: (scored[v], v == holder))  # ties keep the holder
         if best == holder:
             return holder
-        log.info("champion of %s: version %s scores %.3f, above version %s; moving the alias",
-                 name, best, scored[best], holder)
+        log.debug("champion of %s: version %s scores %.3f, above version %s; moving the alias",
+                  name, best, scored[best], holder)
         client.set_registered_model_alias(name, CHAMPION, best)
         holder = champion_version(name, client)
     return holder
@@ -322,7 +322,8 @@ def settle_champion(name: str, eval_key: str, rounds: int = 10) -> str | None:
 
 def _check_champion(client: Any, name: str, current: str, scorer: SelectionScorer) -> str | None:
     """Why the current champion must be demoted, or None; scores it if these frames are new."""
-    tags = client.get_model_version(name, current).tags
+    tags = with_retry(f"read champion version {current} of {name!r}",
+                      lambda: client.get_model_version(name, current)).tags
     model = _load_version(client, name, current)
     if isinstance(model, str):
         return model
@@ -376,6 +377,13 @@ def promote_version(name: str, version: str, games: list[Game],
                 if demoted:
                     demote(client, name, before, demoted)
             holder = settle_champion(name, scorer.key)
+    except Exception as exc:
+        if isinstance(exc, PromotionAborted) or not _is_network_error(exc):
+            raise
+        raise PromotionAborted(
+            f"the registry at {tracking.tracking_uri()} stopped answering while version "
+            f"{version} of {name!r} was put up ({_first_line(exc)}); the promotion is aborted"
+        ) from exc
     finally:
         with contextlib.suppress(Exception):  # the store may be the thing that failed
             _set_tags(client, name, version, {STATE_TAG: "done"})

@@ -88,11 +88,11 @@ def tags_of(name: str, version: str) -> dict[str, str]:
 
 def test_floor_failure_names_the_game_and_the_margin_it_misses() -> None:
     base = {"baseline_psnr": 32.0, "baseline_fg_accuracy": 0.2}
-    passing = {**base, "psnr": 32.0 + FLOOR_PSNR_MARGIN_DB, "fg_accuracy":
+    passing = {**base, "psnr": 32.0 + FLOOR_PSNR_MARGIN_DB + 1e-9, "fg_accuracy":
                0.2 + FLOOR_FG_ACCURACY_MARGIN + 1e-9}
     assert promotion.floor_failure({"Breakout": passing}) is None
-    low_psnr = promotion.floor_failure({"Breakout": {**passing, "psnr": 32.5}})
-    assert low_psnr.startswith("Breakout: PSNR 32.50 dB is not")
+    low_psnr = promotion.floor_failure({"Breakout": {**passing, "psnr": 32.2}})
+    assert low_psnr.startswith("Breakout: PSNR 32.20 dB is not")
     low_fg = promotion.floor_failure({"Breakout": passing, "Pong": {**passing,
                                                                    "fg_accuracy": 0.25}})
     assert low_fg == (f"Pong: fg_accuracy 0.250 is not {FLOOR_FG_ACCURACY_MARGIN:g} above the "
