@@ -25,6 +25,7 @@ DIVERGING_KL_WEIGHT = 1e39  # overflows float32: the loss turns inf/NaN in the f
 def tiny_tune_flags(out_dir: Path | str, **overrides: object) -> dict[str, object]:
     """TuneConfig kwargs for a seconds-long study: tiny frames, 2 epochs, latent 8 or 16."""
     flags = tiny_train_flags(out_dir, checkpoint_freq=1000)
+    del flags["latent_dim"]  # not a tune flag: each trial draws its own
     flags.update(n_trials=3, study_name="tiny", latent_dim_min=8, latent_dim_max=16,
                  kl_weight_min=1e-3, kl_weight_max=1.0, eval_samples=64)
     flags.update(overrides)
