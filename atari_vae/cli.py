@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
+from atari_vae.config import EvaluateConfig, RegisterConfig, TrainConfig, TuneConfig, fields_of
 from atari_vae.errors import AtariVaeError
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
@@ -116,10 +116,22 @@ def evaluate(**flags: Any) -> None:
 @options_from(TuneConfig)
 @friendly_errors
 def tune(**flags: Any) -> None:
-    """Optuna study over kl_weight and latent_dim; registers the best model."""
+    """Optuna study over kl_weight and latent_dim; registers the best model (champion only
+    if it passes the quality floor)."""
     from atari_vae.tune import tune_job
 
     tune_job(TuneConfig(**flags))
+
+
+@main.command()
+@options_from(RegisterConfig)
+@friendly_errors
+def register(**flags: Any) -> None:
+    """Register a trained model; it becomes champion only if it passes the quality floor and
+    beats the current champion on the selection frames."""
+    from atari_vae.registration import register_job
+
+    register_job(RegisterConfig(**flags))
 
 
 if __name__ == "__main__":

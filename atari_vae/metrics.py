@@ -167,3 +167,12 @@ def balanced_psnr(mse: float, fg_mse: float, fg_fraction: float) -> float:
         return psnr_from_mse(mse)
     bg_mse = max(mse - fg_fraction * fg_mse, 0.0) / (1.0 - fg_fraction)
     return psnr_from_mse(0.5 * (fg_mse + bg_mse))
+
+
+def mean_balanced_psnr(per_game: Iterable[dict[str, float]]) -> float:
+    """The tuning objective and the champion score, one definition: each game's balanced PSNR
+    (from its ``mse``, ``fg_mse``, ``fg_fraction``), averaged so every game counts the same."""
+    values = [balanced_psnr(m["mse"], m["fg_mse"], m["fg_fraction"]) for m in per_game]
+    if not values:
+        raise ValueError("no game metrics to average")
+    return sum(values) / len(values)

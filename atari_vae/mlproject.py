@@ -5,9 +5,16 @@
 
 from __future__ import annotations
 
-from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
+from atari_vae.config import (
+    EvaluateConfig,
+    RegisterConfig,
+    TrainConfig,
+    TuneConfig,
+    fields_of,
+)
 
-ENTRY_POINTS = {"train": TrainConfig, "evaluate": EvaluateConfig, "tune": TuneConfig}
+ENTRY_POINTS = {"train": TrainConfig, "evaluate": EvaluateConfig, "tune": TuneConfig,
+                "register": RegisterConfig}
 
 
 def _parameter(name: str, default: object) -> str:

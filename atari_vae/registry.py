@@ -1,5 +1,5 @@
-"""VAE models in MLflow: logging without pickle, loading from any model URI, ``load_registered``,
-registering versions and moving the ``champion`` alias only to a better-scoring version.
+"""VAE model I/O: logging to MLflow without pickle, loading from a file or any model URI,
+``load_registered``. Which version holds the ``champion`` alias is ``promotion.py``'s business.
 
 A logged model is an MLflow pyfunc "model from code" (``pyfunc_model.py``, stored as text) with
 an artifact folder ``vae/`` holding ``config.json`` and ``model.safetensors``. Loading reads
@@ -13,8 +13,6 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +94,7 @@ def _requirements() -> list[str]:
 def load_model(uri: str, device: str | torch.device = "cpu") -> VAE:
     """A VAE from a state_dict or checkpoint file, or an MLflow ``models:/`` or ``runs:/`` URI."""
     if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        return load_vae_dir(_download_vae_dir(uri), device)
+        return load_vae_dir(download_vae_dir(uri), device)
     return load_state_file(Path(uri), device)
 
 
@@ -116,7 +114,8 @@ def load_state_file(path: Path, device: str | torch.device = "cpu") -> VAE:
     return model.to(device).eval()
 
 
-def _download_vae_dir(uri: str) -> Path:
+def download_vae_dir(uri: str) -> Path:
+    """The local ``vae/`` folder of a logged model: downloads it for a models:/ or runs:/ URI."""
     import mlflow
 
     from atari_vae import tracking
@@ -138,132 +137,3 @@ def load_registered(name: str, alias: str = "champion", version: int | str | Non
     """The registered VAE ``name`` at ``alias`` (or ``version``), in eval mode, without pickle."""
     uri = f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}"
     return load_model(uri, device)
-
-
-# --- registration and the champion alias -------------------------------------------------------
-
-CHAMPION = "champion"
-SCORE_TAG = "heldout_score"
-EVAL_TAG = "heldout_eval"
-LOCK_TIMEOUT_S = 900
-MODEL_DESCRIPTION = (
-    "atari-vae encoders: 64x64 RGB Atari frames (atari_vae.preprocess) -> latent means. Alias "
-    "'champion' marks the version that scores best on the held-out comparison (see each "
-    "version's heldout_score and champion_decision tags). Planner: "
-    "atari_vae.load_registered('{name}'); serving: mlflow models serve -m "
-    "models:/{name}@champion.")
-
-
-@dataclass
-class ChampionDecision:
-    """What happened to the ``champion`` alias when ``version`` was registered."""
-
-    name: str
-    version: str
-    score: float
-    moved: bool
-    reason: str
-    champion: str | None  # the version holding the alias afterwards
-
-
-def register_version(model_uri: str, name: str, run_id: str, tags: dict[str, str],
-                     description: str) -> str:
-    """Register ``model_uri`` (logged by run ``run_id``) under ``name``; reuse its version if any.
-
-    Several workers of one study may all try to register the same best trial.
-    """
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    if existing:
-        return str(max(int(v.version) for v in existing))
-    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
-    client.update_model_version(name, version.version, description=description)
-    if not client.get_registered_model(name).description:
-        client.update_registered_model(name, description=MODEL_DESCRIPTION.format(name=name))
-    return str(version.version)
-
-
-def champion_version(name: str) -> str | None:
-    """The version that holds the ``champion`` alias of ``name``, if any."""
-    import mlflow
-
-    try:
-        aliases = mlflow.MlflowClient().get_registered_model(name).aliases
-    except mlflow.exceptions.MlflowException:  # no such registered model yet
-        return None
-    return str(aliases[CHAMPION]) if CHAMPION in aliases else None
-
-
-def promote_if_better(name: str, version: str, score: Callable[[VAE], float], eval_key: str,
-                      device: str | torch.device = "cpu") -> ChampionDecision:
-    """Move ``champion`` to ``version`` only if it scores higher than the current champion.
-
-    Both are scored now by ``score`` on the same held-out frames (``eval_key`` names them) and
-    the scores are kept as version tags. The compare-and-set runs under a file lock for local
-    stores; for remote ones ``settle_champion`` afterwards repairs a lost race.
-    """
-    import mlflow
-
-    from atari_vae import tracking
-
-    client = mlflow.MlflowClient()
-    with tracking.local_store_lock("registry", LOCK_TIMEOUT_S):
-        new_score = _score_version(client, name, version, score, eval_key, device)
-        current = champion_version(name)
-        if current is None:
-            moved, reason = True, "no champion yet"
-        elif current == version:
-            moved, reason = False, f"version {version} already is the champion"
-        else:
-            old = _score_version(client, name, current, score, eval_key, device)
-            moved = new_score > old
-            verdict = "beats" if moved else "does not beat"
-            reason = (f"held-out score {new_score:.3f} {verdict} champion version {current}'s "
-                      f"{old:.3f} on {eval_key}")
-        if moved:
-            client.set_registered_model_alias(name, CHAMPION, version)
-        holder = settle_champion(name, eval_key)
-    client.set_model_version_tag(name, version, "champion_decision", reason)
-    return ChampionDecision(name, version, new_score, holder == version, reason, holder)
-
-
-def settle_champion(name: str, eval_key: str, rounds: int = 10) -> str | None:
-    """Point ``champion`` at the best-scored version under ``eval_key``; repeat until stable.
-
-    Scores only ever get added, so after every writer's last re-check the alias rests on the
-    best version, whatever the interleaving of concurrent writers.
-    """
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    holder = champion_version(name)
-    for _ in range(rounds):
-        scored = {str(v.version): float(v.tags[SCORE_TAG])
-                  for v in client.search_model_versions(f"name='{name}'")
-                  if v.tags.get(EVAL_TAG) == eval_key and SCORE_TAG in v.tags}
-        if not scored:
-            return holder
-        # ties keep the current holder
-        best = max(scored, key=lambda v: (scored[v], v == holder))
-        if best == holder:
-            return holder
-        log.info("champion of %s: version %s scores %.3f, above version %s; moving the alias",
-                 name, best, scored[best], holder)
-        client.set_registered_model_alias(name, CHAMPION, best)
-        holder = champion_version(name)
-    return holder
-
-
-def _score_version(client: Any, name: str, version: str, score: Callable[[VAE], float],
-                   eval_key: str, device: str | torch.device) -> float:
-    """Score a registered version and record the score as tags on it."""
-    try:
-        value = float(score(load_registered(name, version=version, device=device)))
-    except AtariVaeError as exc:  # an unreadable old champion must not block a new one
-        log.warning("cannot score %s version %s (%s); treating it as worst", name, version, exc)
-        value = float("-inf")
-    client.set_model_version_tag(name, version, SCORE_TAG, repr(value))
-    client.set_model_version_tag(name, version, EVAL_TAG, eval_key)
-    return value

@@ -3,7 +3,8 @@
     python experiments/planner_example.py --env_name Breakout              # atari-vae-breakout
     python experiments/planner_example.py --model_name M --alias champion --steps 200
 
-The tune job registers the model; MLFLOW_TRACKING_URI (else ./mlflow.db) says where.
+`atari-vae tune` and `atari-vae register` register models; `champion` is the version that
+passed the quality floor and scored best. MLFLOW_TRACKING_URI (else ./mlflow.db) says where.
 """
 
 from __future__ import annotations

@@ -43,3 +43,27 @@ def tiny_train_flags(output_dir: Path | str, **overrides: object) -> dict[str, o
                  latent_dim=8, checkpoint_freq=1, output_dir=str(output_dir), device="cpu")
     flags.update(overrides)
     return flags
+
+
+# The quick test's data and epochs (latent 8): the model learns the paddle and the score and
+# clears the quality floor on the selection frames (+0.86 dB, +0.35 fg accuracy on 64 frames).
+GOOD_TRAINING = dict(num_episodes=5, max_steps=1000, epochs=10, batch_size=32, latent_dim=8)
+
+
+@pytest.fixture(scope="session")
+def good_model_file(tmp_path_factory: pytest.TempPathFactory, frame_cache: Path) -> Path:
+    """best_model.pt of a real training (no MLflow) that beats the mean frame by more than the
+    quality floor on the selection frames; trained once per session."""
+    from atari_vae.config import TrainConfig
+    from atari_vae.data import load_or_collect, split_by_episode
+    from atari_vae.envs import resolve_game
+    from atari_vae.train import fit
+
+    out = tmp_path_factory.mktemp("good-model")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ATARI_VAE_CACHE_DIR", str(frame_cache))
+        cfg = TrainConfig(**tiny_train_flags(out, checkpoint_freq=1000, **GOOD_TRAINING))
+        frames = load_or_collect(resolve_game(cfg.env_name), cfg.num_episodes, cfg.max_steps,
+                                 cfg.seed, False)
+        fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
+    return out / "best_model.pt"

@@ -15,12 +15,12 @@ import mlflow
 import optuna
 import pytest
 
-from atari_vae import registry, tracking, tune
+from atari_vae import promotion, study, tracking
 from tests.conftest import REPO
 from tests.test_tune import child_runs, tiny_tune_flags
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"  # as a user types it, for the workers
-DB = tune.with_installed_driver(POSTGRES)  # for this test's own Optuna calls
+DB = study.with_installed_driver(POSTGRES)  # for this test's own Optuna calls
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -77,9 +77,14 @@ def test_two_workers_share_one_study_without_duplicate_trials(tmp_path: Path,
     assert sorted(len(child_runs(p.info.run_id)) for p in parents) == [2, 2]
     client = mlflow.MlflowClient()
     versions = client.search_model_versions(f"name='{study_name}'")
-    best = max(versions, key=lambda v: float(v.tags[registry.SCORE_TAG]))
-    assert str(client.get_model_version_by_alias(study_name, "champion").version) == \
-        str(best.version)
+    assert versions and all(v.tags.get(promotion.STATE_TAG) == "done" for v in versions)
+    scores = {str(v.version): promotion.valid_score(v.tags, v.tags[promotion.EVAL_TAG])
+              for v in versions}
+    eligible = {v: s for v, s in scores.items() if s is not None}
+    aliases = client.get_registered_model(study_name).aliases
+    # tiny trials rarely clear the quality floor; when one does, the best one holds the alias
+    holder = str(aliases["champion"]) if "champion" in aliases else None
+    assert holder == (max(eligible, key=eligible.get) if eligible else None)
 
 
 def test_killed_worker_leaves_its_trial_failed_and_a_restart_continues(tmp_path: Path,

@@ -1,8 +1,7 @@
-"""The tune job on tiny real data: trials, nested MLflow runs, the objective, bad input."""
+"""The tune job on tiny real data: trials, nested MLflow runs, registration, bad input."""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -14,11 +13,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from atari_vae import tracking, tune
+from atari_vae import promotion, study, tracking, tune
 from atari_vae.cli import main
-from atari_vae.config import TuneConfig
+from atari_vae.config import TuneConfig, fields_of
 from atari_vae.errors import AtariVaeError
-from atari_vae.metrics import balanced_psnr
 from tests.conftest import REPO, tiny_train_flags
 
 DIVERGING_KL_WEIGHT = 1e39  # overflows float32: the loss turns inf/NaN in the first step
@@ -27,6 +25,7 @@ DIVERGING_KL_WEIGHT = 1e39  # overflows float32: the loss turns inf/NaN in the f
 def tiny_tune_flags(out_dir: Path | str, **overrides: object) -> dict[str, object]:
     """TuneConfig kwargs for a seconds-long study: tiny frames, 2 epochs, latent 8 or 16."""
     flags = tiny_train_flags(out_dir, checkpoint_freq=1000)
+    del flags["latent_dim"]  # not a tune flag: each trial draws its own
     flags.update(n_trials=3, study_name="tiny", latent_dim_min=8, latent_dim_max=16,
                  kl_weight_min=1e-3, kl_weight_max=1.0, eval_samples=64)
     flags.update(overrides)
@@ -41,10 +40,10 @@ def child_runs(parent_id: str) -> list[mlflow.entities.Run]:
 
 
 @pytest.mark.slow
-def test_tiny_study_logs_nested_trials_fails_a_diverging_one_and_registers_a_loadable_champion(
+def test_tiny_study_logs_nested_trials_fails_a_diverging_one_and_registers_a_loadable_model(
         tmp_path: Path) -> None:
     cfg = TuneConfig(**tiny_tune_flags(tmp_path / "out"))
-    storage = tune.resolve_storage("")
+    storage = study.resolve_storage("")
     assert storage == f"sqlite:///{tmp_path / 'optuna.db'}"  # beside mlflow.db
     # Trial 0 is queued to diverge: the study must mark it FAIL and go on.
     optuna.create_study(storage=storage, study_name="tiny", direction="maximize") \
@@ -76,18 +75,26 @@ def test_tiny_study_logs_nested_trials_fails_a_diverging_one_and_registers_a_loa
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
     parent = client.get_run(result.run_id)
     assert int(parent.data.params["best_latent_dim"]) == best.params["latent_dim"]
+    # every param the parent logs is one the job used: no kl_weight, latent_dim or resume
+    assert set(parent.data.params) == {f.name for f in fields_of(TuneConfig)} | {
+        "best_kl_weight", "best_latent_dim"}
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
     plots = {a.path for a in client.list_artifacts(result.run_id, "study_plots")}
     assert {"study_plots/optimization_history.png", "study_plots/param_importances.png"} <= plots
 
     name = "atari-vae-breakout"
-    champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.run_id == best.user_attrs["mlflow_run_id"]
-    assert champion.tags["latent_dim"] == str(best.params["latent_dim"])
-    assert champion.tags["game"] == "Breakout" and "preprocess" in champion.tags["preprocessing"]
-    assert float(champion.tags["val_balanced_psnr"]) == pytest.approx(best.value, abs=1e-3)
-    assert_stored_without_pickle(f"models:/{name}@champion")
-    assert_fresh_process_encodes_raw_observation(name, best.params["latent_dim"], tmp_path)
+    version = client.get_model_version(name, result.decision.version)
+    assert version.run_id == best.user_attrs["mlflow_run_id"]
+    assert version.tags["latent_dim"] == str(best.params["latent_dim"])
+    assert version.tags["game"] == "Breakout" and "preprocess" in version.tags["preprocessing"]
+    assert float(version.tags["val_balanced_psnr"]) == pytest.approx(best.value, abs=1e-3)
+    # Two epochs on 180 frames learn no objects: registered, but below the floor, no champion.
+    assert version.tags[promotion.FLOOR_TAG].startswith("failed: Breakout: ")
+    assert result.decision.champion is None and "no champion is set" in result.decision.reason
+    assert version.tags[promotion.DECISION_TAG] == result.decision.reason
+    assert_stored_without_pickle(f"models:/{name}/{version.version}")
+    assert_fresh_process_encodes_raw_observation(name, version.version,
+                                                 best.params["latent_dim"], tmp_path)
 
 
 def assert_stored_without_pickle(uri: str) -> None:
@@ -101,12 +108,13 @@ def assert_stored_without_pickle(uri: str) -> None:
     assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
 
 
-def assert_fresh_process_encodes_raw_observation(name: str, latent_dim: int, cwd: Path) -> None:
+def assert_fresh_process_encodes_raw_observation(name: str, version: str, latent_dim: int,
+                                                 cwd: Path) -> None:
     code = (
         "import ale_py, gymnasium as gym, atari_vae\n"
         "gym.register_envs(ale_py)\n"
         "obs, _ = gym.make('ALE/Breakout-v5').reset(seed=1)\n"
-        f"vae = atari_vae.load_registered({name!r})\n"
+        f"vae = atari_vae.load_registered({name!r}, version={version!r})\n"
         "mu, logvar = vae.encode(atari_vae.preprocess(obs))\n"
         "print('SHAPE', tuple(mu.shape), type(vae).__name__, vae.training)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -144,47 +152,13 @@ def test_trial_runs_nest_under_the_run_that_mlflow_run_created(
         created.info.run_id
 
 
-def test_balanced_psnr_weighs_foreground_and_background_equally() -> None:
-    fg_mse, bg_mse, share = 0.01, 0.0001, 0.02
-    mse = share * fg_mse + (1 - share) * bg_mse
-    assert balanced_psnr(mse, fg_mse, share) == pytest.approx(
-        10 * math.log10(1 / (0.5 * (fg_mse + bg_mse))))
-    # A model that paints ghosts on the background loses although its foreground is the same.
-    ghosts = share * fg_mse + (1 - share) * 0.01
-    assert balanced_psnr(ghosts, fg_mse, share) < balanced_psnr(mse, fg_mse, share)
-
-
-def test_over_budget_epochs_rank_below_every_feasible_one() -> None:
-    assert tune.pruning_value(12.0, kl=40.0, budget=50.0) == 12.0
-    assert tune.pruning_value(30.0, kl=51.0, budget=50.0) < tune.pruning_value(0.5, 50.0, 50.0)
-    assert tune.pruning_value(30.0, kl=60.0, budget=50.0) < tune.pruning_value(30.0, 51.0, 50.0)
-
-
-def test_epoch_hook_prunes_below_the_median_but_never_at_the_last_epoch(tmp_path: Path) -> None:
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(
-        n_startup_trials=1, n_warmup_steps=0))
-    first = study.ask()
-    for epoch in (1, 2):
-        first.report(20.0, epoch)
-    study.tell(first, 20.0)
-    cfg = TuneConfig(**tiny_tune_flags(tmp_path, epochs=2))
-    poor = {"val_psnr": 20.0, "val_fg_psnr": 5.0, "val_kl": 3.0, "val_loss": 1.0}
-    tracking.configure(cfg.experiment_name)
-    with tracking.tracked_run("hook"):
-        hooks = tune.TrialHooks(study.ask(), cfg, fg_fraction=0.01)
-        with pytest.raises(optuna.TrialPruned):
-            hooks.on_epoch_end(1, poor)
-        last = tune.TrialHooks(study.ask(), cfg, fg_fraction=0.01)
-        last.on_epoch_end(2, poor)  # the last epoch: finishing costs nothing more than pruning
-    assert study.trials[1].intermediate_values[1] < 20.0
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--storage", "nonsense://nowhere"], "--storage 'nonsense://nowhere' cannot be opened"),
     (["--storage", "postgresql://postgres@127.0.0.1:1/test"], "--storage"),
     (["--n_trials", "0"], "--n_trials must be at least 1"),
     (["--latent_dim_min", "9", "--latent_dim_max", "15"], "no power of two"),
     (["--kl_budget", "0"], "--kl_budget must be positive"),
+    (["--model_name", "it's"], "--model_name \"it's\" is not allowed"),
 ])
 def test_bad_tune_flags_give_one_line_and_exit_1(flags: list[str], message: str,
                                                    tmp_path: Path) -> None:
@@ -194,16 +168,27 @@ def test_bad_tune_flags_give_one_line_and_exit_1(flags: list[str], message: str,
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_champion_scores_taken_on_other_frames_never_share_a_key(monkeypatch):
-    # A stored champion score is compared only under the same key: a collector or evaluation
-    # change that picks other frames for the same seed must give a new key.
-    from atari_vae import champion, evaluate
-    from atari_vae.envs import resolve_game
+def test_bad_model_name_fails_before_any_work(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["tune", "--model_name", "it's", "--output_dir",
+                                       str(tmp_path / "o")])
+    assert result.exit_code == 1 and "--model_name \"it's\" is not allowed" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no study, no output
 
-    games = [resolve_game("Breakout")]
-    keys = {champion.HeldOutScorer(games, 1000).key}
-    monkeypatch.setattr(champion, "COLLECTOR_VERSION", champion.COLLECTOR_VERSION + 1)
-    keys.add(champion.HeldOutScorer(games, 1000).key)
-    monkeypatch.setattr(evaluate, "SCORED_FRAMES_PER_EPISODE", 7)
-    keys.add(champion.HeldOutScorer(games, 1000).key)
-    assert len(keys) == 3
+
+@pytest.mark.parametrize("flag", ["--kl_weight", "--latent_dim"])
+def test_tune_offers_no_flag_that_each_trial_draws_itself(flag: str) -> None:
+    result = CliRunner().invoke(main, ["tune", flag, "1"])
+    assert result.exit_code == 2 and f"No such option '{flag}'" in result.output
+
+
+@pytest.mark.slow
+def test_tune_exits_0_and_says_in_one_line_that_no_champion_was_set(tmp_path: Path) -> None:
+    flags = tiny_tune_flags(tmp_path / "out", n_trials=1)
+    args = [arg for k, v in flags.items() for arg in (f"--{k}", str(v))]
+    result = CliRunner().invoke(main, ["tune", *args])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "champion" in line]
+    assert len(lines) == 1, lines
+    assert "atari-vae-breakout version 1 is registered but not champion" in lines[0]
+    assert "below the quality floor" in lines[0] and lines[0].endswith("no champion is set")
+    assert mlflow.MlflowClient().get_registered_model("atari-vae-breakout").aliases == {}
