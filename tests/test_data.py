@@ -160,6 +160,17 @@ def test_an_old_npz_cache_is_refused_in_one_line_and_never_used(private_cache, c
     assert old.exists()  # the user's file: reported, not deleted
 
 
+def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_run(
+        tmp_path, monkeypatch, caplog):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("ATARI_VAE_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    with caplog.at_level(logging.WARNING, logger="atari_vae.data"):
+        frames = load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "temporary store" in warnings[0]
+    assert _same(frames, collect_episodes(BREAKOUT, 2, 30, seed=3, progress=False))
+
+
 class Interrupted(Exception):
     pass
 
