@@ -31,7 +31,7 @@ COLLECTOR_VERSION = 4
 # collections use few; long ones use more, which the emulator threads step faster (measured).
 FEW_ENVS, MANY_ENVS, MANY_FROM_EPISODES = 4, 8, 50
 MAX_CHAIN = 20  # episodes per seeded reset: an interrupted collection replays at most 19
-# Called with (episode number, its frames (L, 3, 64, 64) uint8), in episode order.
+# Called with (episode number, its frames (L, 3, 64, 64) uint8) as each episode ends.
 EpisodeSink = Callable[[int, np.ndarray], None]
 
 
@@ -97,26 +97,30 @@ def chain_length(num_episodes: int) -> int:
 
 
 def play_episodes(game: Game, num_episodes: int, max_steps: int, seed: int, sink: EpisodeSink,
-                  first: int = 0, progress: bool = True, num_envs: int = 0) -> None:
-    """Play episodes ``first``..``num_episodes``-1 of a seed; hand each to ``sink`` in order.
+                  have: frozenset[int] = frozenset(), progress: bool = True,
+                  num_envs: int = 0) -> None:
+    """Play the episodes of a seed not in ``have``; hand each to ``sink`` as it ends.
 
     Chain c (episodes cL..cL+L-1, L = ``chain_length``) starts from a reset seeded
     ``seed + c`` and acts from ``default_rng([seed, c])``: its frames depend on nothing
     else, not the env count, the finishing order, or where a resumed collection starts.
+    A chain with some episodes in ``have`` is replayed, those episodes dropped.
     """
     length = chain_length(num_episodes)
-    chains = range(first // length, -(-num_episodes // length))
+    chains = [c for c in range(-(-num_episodes // length))
+              if any(r not in have for r in range(c * length, min((c + 1) * length,
+                                                                  num_episodes)))]
     num_envs = min(num_envs or collect_env_count(num_episodes), len(chains))
-    if first >= num_episodes:
+    if not chains:
         return
     # Lockstep (batch = num_envs): only then can single envs be reset with a seed of our own.
     env = make_vector_env(game, num_envs, max_steps, num_envs)
-    player = _Player(env, _Plan(num_episodes, length, first, max_steps, seed), chains)
-    bar = tqdm(total=num_episodes, initial=first, desc=f"collect {game.title}", unit="ep",
+    player = _Player(env, _Plan(num_episodes, length, have, max_steps, seed), chains)
+    bar = tqdm(total=num_episodes, initial=len(have), desc=f"collect {game.title}", unit="ep",
                disable=None if progress else True)
     try:
         env_ids = player.start()
-        while player.next_out < num_episodes:
+        while player.to_go:
             obs, _, terminated, truncated, info = env.step(player.actions(env_ids))
             env_ids = player.record(obs, info["env_id"], terminated | truncated)
             for number, frames in player.finished():
@@ -131,7 +135,7 @@ def play_episodes(game: Game, num_episodes: int, max_steps: int, seed: int, sink
 class _Plan:
     num_episodes: int
     chain_length: int
-    first: int  # episodes before this one are stored already: played (chain start) but dropped
+    have: frozenset[int]  # episodes stored already: played (their chain replays) but dropped
     max_steps: int
     seed: int
 
@@ -139,7 +143,7 @@ class _Plan:
 class _Player:
     """Which chain and episode each env plays, its actions and frames, the finished episodes."""
 
-    def __init__(self, env, plan: _Plan, chains: range) -> None:
+    def __init__(self, env, plan: _Plan, chains: list[int]) -> None:
         self.env, self.plan, self.todo = env, plan, iter(chains)
         self.n_actions = int(env.single_action_space.n)
         n = env.num_envs
@@ -150,8 +154,8 @@ class _Player:
         self.actions_of = np.zeros((n, plan.max_steps), dtype=np.int64)
         # np.empty is paged in lazily: only the frames actually played take memory.
         self.frames = np.empty((n, plan.max_steps, *FRAME_SHAPE[1:], 3), dtype=np.uint8)
-        self.done: dict[int, np.ndarray] = {}
-        self.next_out = plan.first
+        self.done: list[tuple[int, np.ndarray]] = []
+        self.to_go = plan.num_episodes - len(plan.have)
 
     def start(self) -> np.ndarray:
         """Reset every env into its first chain; returns the env ids of the observations."""
@@ -169,9 +173,9 @@ class _Player:
         chain_over = []
         for env in over.tolist():
             number = int(self.episode[env])
-            if number >= self.plan.first:
+            if number not in self.plan.have:
                 frames = self.frames[env, :self.length[env]].transpose(0, 3, 1, 2)
-                self.done[number] = np.ascontiguousarray(frames)
+                self.done.append((number, np.ascontiguousarray(frames)))
             chain_end = (int(self.chain[env]) + 1) * self.plan.chain_length
             if number + 1 < min(chain_end, self.plan.num_episodes):
                 self._begin(env, number + 1)  # the env resets itself on the next step
@@ -180,10 +184,10 @@ class _Player:
         return self._next_chain(np.array(chain_over, dtype=np.int64)) if chain_over else env_ids
 
     def finished(self):
-        """(number, frames) of finished episodes, in episode order, none skipped."""
-        while self.next_out in self.done:
-            yield self.next_out, self.done.pop(self.next_out)
-            self.next_out += 1
+        """(number, frames) of the episodes that ended since the last call."""
+        done, self.done = self.done, []
+        self.to_go -= len(done)
+        yield from done
 
     def _begin(self, env: int, number: int) -> None:
         self.episode[env], self.length[env] = number, 0
@@ -219,9 +223,10 @@ class _Player:
 def collect_episodes(game: Game, num_episodes: int, max_steps: int, seed: int,
                      progress: bool = True, num_envs: int = 0) -> FrameSet:
     """Episodes 0..num_episodes-1 of a seed, in memory; ``num_envs`` never changes the frames."""
-    parts: list[np.ndarray] = []
-    play_episodes(game, num_episodes, max_steps, seed, lambda _, f: parts.append(f),
+    by_number: dict[int, np.ndarray] = {}
+    play_episodes(game, num_episodes, max_steps, seed, by_number.__setitem__,
                   progress=progress, num_envs=num_envs)
+    parts = [by_number[number] for number in sorted(by_number)]
     lengths = torch.tensor([len(p) for p in parts], dtype=torch.int64)
     episode_ids = torch.repeat_interleave(torch.arange(len(parts)), lengths)
     starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
@@ -283,8 +288,8 @@ def _open_or_create(path: Path, key: str, game: Game, num_episodes: int, max_ste
         try:
             store = FrameStore.open(path, key)
             if not store.complete:
-                log.info("%s: resuming the collection in %s at episode %d of %d", game.title,
-                         path, len(store.episode_lengths), num_episodes)
+                log.info("%s: resuming the collection in %s, %d of %d episodes stored",
+                         game.title, path, len(store.episode_lengths), num_episodes)
             return store
         except StoreError as exc:
             log.warning("ignoring unreadable frame store %s (%s); collecting again", path, exc)
@@ -299,14 +304,14 @@ def _open_or_create(path: Path, key: str, game: Game, num_episodes: int, max_ste
 
 def _fill(store: FrameStore, game: Game, num_episodes: int, max_steps: int, seed: int,
           progress: bool, on_episode: Callable[[int], None] | None) -> None:
-    """Collect the episodes ``store`` lacks, appending each as it finishes, then close it."""
+    """Collect the episodes ``store`` lacks, appending each as it ends, then sort and close it."""
     def sink(number: int, frames: np.ndarray) -> None:
-        store.append(frames)
+        store.append(number, frames)
         if on_episode:
             on_episode(number)
 
-    play_episodes(game, num_episodes, max_steps, seed, sink, len(store.episode_lengths),
-                  progress)
+    play_episodes(game, num_episodes, max_steps, seed, sink,
+                  frozenset(store.episode_numbers), progress)
     store.finish()
 
 

@@ -1,10 +1,13 @@
 """The on-disk frame store: episodes appended to one raw file, read back by memory mapping.
 
-A store is a folder holding ``frames.u8`` (every frame, (3, 64, 64) uint8, episode after
-episode) and ``index.json`` (each episode's length, whether collection finished). The index is
-rewritten atomically after each episode's frames are on disk, so a killed collection leaves a
-store that resumes at the next episode; bytes past the index's count are a torn append and are
-cut off. Training reads frames through ``FrameRows``, which gathers only the rows it is asked for.
+A store is a folder holding a frames file (every frame, (3, 64, 64) uint8, episode after
+episode) and ``index.json`` (each stored episode's number and length, in file order, and whether
+collection finished). The index is rewritten atomically after each episode's frames are on
+disk, so a killed collection leaves a store that resumes with the episodes it lacks; bytes past
+the index's count are a torn append and are cut off. Episodes are appended as they finish and
+put in number order once, when the collection finishes (into the other file name, so a crash
+while sorting leaves the unsorted file and its index intact). Training reads frames through
+``FrameRows``, which gathers only the rows it is asked for.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from atari_vae.files import atomic_write_text
 FORMAT = "atari-vae-frame-store"
 FORMAT_VERSION = 1
 FRAME_BYTES = int(np.prod(FRAME_SHAPE))
-FRAMES_FILE, INDEX_FILE = "frames.u8", "index.json"
+FRAMES_FILE, SORTED_FILE, INDEX_FILE = "frames.u8", "frames.sorted.u8", "index.json"
 
 
 class StoreError(ValueError):
@@ -33,16 +36,18 @@ class StoreError(ValueError):
 class FrameStore:
     """One collection's frames on disk; ``append`` adds an episode, ``frames`` maps them all."""
 
-    def __init__(self, path: Path, key: str, episode_lengths: list[int], complete: bool) -> None:
-        self.path, self.key = path, key
-        self.episode_lengths, self.complete = episode_lengths, complete
+    def __init__(self, path: Path, key: str, numbers: list[int], lengths: list[int],
+                 complete: bool, frames_file: str = FRAMES_FILE) -> None:
+        self.path, self.key, self.frames_file = path, key, frames_file
+        self.episode_numbers, self.episode_lengths = numbers, lengths  # in file order
+        self.complete = complete
 
     @classmethod
     def create(cls, path: Path, key: str) -> FrameStore:
         """An empty store at ``path`` (replacing nothing: the folder must not hold one)."""
         path.mkdir(parents=True, exist_ok=True)
         (path / FRAMES_FILE).write_bytes(b"")
-        store = cls(path, key, [], False)
+        store = cls(path, key, [], [], False)
         store._write_index()
         return store
 
@@ -55,52 +60,80 @@ class FrameStore:
         try:
             index = json.loads((path / INDEX_FILE).read_text())
             lengths, complete = index["episode_lengths"], index["complete"]
+            numbers = index.get("episode_numbers", list(range(len(lengths))))
+            frames_file = index.get("frames_file", FRAMES_FILE)
             ok = (index["format"], index["version"], index["key"]) == (FORMAT, FORMAT_VERSION, key)
-            ok = ok and all(type(n) is int and n > 0 for n in lengths) and type(complete) is bool
-            size = (path / FRAMES_FILE).stat().st_size
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            ok = (ok and all(type(n) is int and n > 0 for n in lengths) and type(complete) is bool
+                  and all(type(n) is int and n >= 0 for n in numbers)
+                  and len(set(numbers)) == len(numbers) == len(lengths)
+                  and frames_file in (FRAMES_FILE, SORTED_FILE))
+            size = (path / frames_file).stat().st_size if ok else 0
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(f"unreadable index ({type(exc).__name__}: {exc})") from exc
         if not ok:
             raise StoreError(f"{INDEX_FILE} is not a version-{FORMAT_VERSION} index for {key}")
         expected = sum(lengths) * FRAME_BYTES
         if size < expected or (complete and size != expected):
-            raise StoreError(f"{FRAMES_FILE} holds {size} bytes where the index needs {expected}")
-        store = cls(path, key, lengths, complete)
+            raise StoreError(f"{frames_file} holds {size} bytes where the index needs {expected}")
+        store = cls(path, key, numbers, lengths, complete, frames_file)
         if size > expected:
-            os.truncate(path / FRAMES_FILE, expected)
+            os.truncate(path / frames_file, expected)
+        other = path / (SORTED_FILE if frames_file == FRAMES_FILE else FRAMES_FILE)
+        other.unlink(missing_ok=True)  # a sort that was cut short, or its finished source
         return store
 
     @property
     def n_frames(self) -> int:
         return sum(self.episode_lengths)
 
-    def append(self, frames: np.ndarray) -> None:
-        """Add one episode, (L, 3, 64, 64) uint8; on disk before the index counts it."""
-        with open(self.path / FRAMES_FILE, "r+b") as fh:
+    def append(self, number: int, frames: np.ndarray) -> None:
+        """Add episode ``number``, (L, 3, 64, 64) uint8; on disk before the index counts it."""
+        with open(self.path / self.frames_file, "r+b") as fh:
             fh.seek(self.n_frames * FRAME_BYTES)
             fh.write(np.ascontiguousarray(frames, dtype=np.uint8).data)
             fh.flush()
             os.fsync(fh.fileno())
+        self.episode_numbers.append(number)
         self.episode_lengths.append(len(frames))
         self._write_index()
 
     def finish(self) -> None:
-        """Mark the collection complete: a later open may map it for training."""
+        """Put the episodes in number order and mark the collection complete."""
+        if self.episode_numbers != sorted(self.episode_numbers):
+            self._sort()
         self.complete = True
         self._write_index()
+
+    def _sort(self) -> None:
+        """Copy the episodes in number order into the other file, one episode at a time."""
+        source = self.path / self.frames_file
+        target_name = SORTED_FILE if self.frames_file == FRAMES_FILE else FRAMES_FILE
+        starts = np.cumsum([0, *self.episode_lengths]) * FRAME_BYTES
+        order = sorted(range(len(self.episode_numbers)), key=self.episode_numbers.__getitem__)
+        with open(source, "rb") as src, open(self.path / target_name, "wb") as dst:
+            for i in order:
+                src.seek(int(starts[i]))
+                dst.write(src.read(int(starts[i + 1] - starts[i])))
+            dst.flush()
+            os.fsync(dst.fileno())
+        self.episode_numbers = [self.episode_numbers[i] for i in order]
+        self.episode_lengths = [self.episode_lengths[i] for i in order]
+        self.frames_file = target_name
+        self._write_index()
+        source.unlink()
 
     def frames(self) -> torch.Tensor:
         """Every frame, (N, 3, 64, 64) uint8, memory-mapped (pages are read on first touch)."""
         if self.n_frames == 0:
             return torch.empty((0, *FRAME_SHAPE), dtype=torch.uint8)
         # copy-on-write: writable for torch (no warning), and nothing ever reaches the file
-        mapped = np.memmap(self.path / FRAMES_FILE, dtype=np.uint8, mode="c",
+        mapped = np.memmap(self.path / self.frames_file, dtype=np.uint8, mode="c",
                            shape=(self.n_frames, *FRAME_SHAPE))
         return torch.from_numpy(mapped)
 
     def episode_ids(self) -> torch.Tensor:
         """(N,) int64: each frame's episode number, in store order."""
-        return torch.repeat_interleave(torch.arange(len(self.episode_lengths)),
+        return torch.repeat_interleave(torch.tensor(self.episode_numbers, dtype=torch.int64),
                                        torch.tensor(self.episode_lengths, dtype=torch.int64))
 
     def steps(self) -> torch.Tensor:
@@ -114,6 +147,7 @@ class FrameStore:
         atomic_write_text(self.path / INDEX_FILE, json.dumps({
             "format": FORMAT, "version": FORMAT_VERSION, "key": self.key,
             "frame_shape": list(FRAME_SHAPE), "complete": self.complete,
+            "frames_file": self.frames_file, "episode_numbers": self.episode_numbers,
             "episode_lengths": self.episode_lengths}))
 
 

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from atari_vae.store import FRAMES_FILE, INDEX_FILE, FrameRows, FrameStore, StoreError
+from atari_vae.store import (
+    FRAMES_FILE,
+    INDEX_FILE,
+    SORTED_FILE,
+    FrameRows,
+    FrameStore,
+    StoreError,
+)
 
 
 def _episode(length: int, value: int) -> np.ndarray:
@@ -21,7 +28,7 @@ def _episode(length: int, value: int) -> np.ndarray:
 def _filled(path: Path, lengths: list[int], complete: bool = True) -> FrameStore:
     store = FrameStore.create(path, "key")
     for number, length in enumerate(lengths):
-        store.append(_episode(length, number + 1))
+        store.append(number, _episode(length, number + 1))
     if complete:
         store.finish()
     return store
@@ -45,7 +52,7 @@ def test_a_torn_append_is_cut_off_and_the_store_continues_after_the_last_whole_e
         fh.write(_episode(2, 9).tobytes()[:5000])
     store = FrameStore.open(tmp_path / "s", "key")
     assert store.episode_lengths == [2, 2] and not store.complete
-    store.append(_episode(1, 3))
+    store.append(2, _episode(1, 3))
     store.finish()
     assert torch.equal(FrameStore.open(tmp_path / "s", "key").frames()[4],
                        torch.from_numpy(_episode(1, 3)[0]))
@@ -62,6 +69,12 @@ def test_a_torn_append_is_cut_off_and_the_store_continues_after_the_last_whole_e
     (lambda p: (p / INDEX_FILE).write_text(json.dumps(
         {**json.loads((p / INDEX_FILE).read_text()), "episode_lengths": [2, 0]})),
      "not a version-1"),
+    (lambda p: (p / INDEX_FILE).write_text(json.dumps(
+        {**json.loads((p / INDEX_FILE).read_text()), "episode_numbers": [1, 1]})),
+     "not a version-1"),
+    (lambda p: (p / INDEX_FILE).write_text(json.dumps(
+        {**json.loads((p / INDEX_FILE).read_text()), "frames_file": "../../etc/passwd"})),
+     "not a version-1"),
 ])
 def test_a_damaged_store_is_refused_with_a_one_line_reason(tmp_path, damage, message):
     _filled(tmp_path / "s", [2, 2])
@@ -69,6 +82,33 @@ def test_a_damaged_store_is_refused_with_a_one_line_reason(tmp_path, damage, mes
     with pytest.raises(StoreError, match=message) as caught:
         FrameStore.open(tmp_path / "s", "key")
     assert "\n" not in str(caught.value)
+
+
+def test_episodes_stored_as_they_ended_are_put_in_number_order_when_the_store_finishes(
+        tmp_path):
+    store = FrameStore.create(tmp_path / "s", "key")
+    for number, length in [(2, 3), (0, 1), (1, 2)]:
+        store.append(number, _episode(length, number + 1))
+    store.finish()
+    reopened = FrameStore.open(tmp_path / "s", "key")
+    assert reopened.episode_numbers == [0, 1, 2] and reopened.episode_lengths == [1, 2, 3]
+    assert torch.equal(reopened.frames(), torch.from_numpy(np.concatenate(
+        [_episode(1, 1), _episode(2, 2), _episode(3, 3)])))
+    assert reopened.episode_ids().tolist() == [0, 1, 1, 2, 2, 2]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted([INDEX_FILE, SORTED_FILE])
+
+
+def test_a_sort_cut_short_leaves_the_unsorted_store_whole(tmp_path):
+    store = FrameStore.create(tmp_path / "s", "key")
+    store.append(1, _episode(2, 2))
+    store.append(0, _episode(1, 1))
+    (tmp_path / "s" / SORTED_FILE).write_bytes(b"half a sort")  # killed while sorting
+    reopened = FrameStore.open(tmp_path / "s", "key")
+    assert reopened.episode_numbers == [1, 0] and not reopened.complete
+    assert not (tmp_path / "s" / SORTED_FILE).exists()
+    reopened.finish()
+    assert torch.equal(FrameStore.open(tmp_path / "s", "key").frames()[0],
+                       torch.from_numpy(_episode(1, 1)[0]))
 
 
 def test_a_store_of_another_key_is_refused(tmp_path):
