@@ -17,6 +17,7 @@ import torch
 
 from atari_vae.envs import to_float
 from atari_vae.losses import foreground_mask
+from atari_vae.store import FrameRows
 
 ACCURACY_TOLERANCE = 0.1
 METRIC_KEYS = ("mse", "psnr", "accuracy", "fg_mse", "fg_psnr", "fg_accuracy",
@@ -113,7 +114,7 @@ def game_references(frames_uint8: torch.Tensor, game_ids: torch.Tensor,
         index = (game_ids == game).nonzero().squeeze(1)
         if len(index) == 0:
             raise ValueError(f"no frames of game {game} to take a background from")
-        parts.append(reference_frames(frames_uint8[index]))
+        parts.append(reference_frames(FrameRows.of(frames_uint8, index)))  # no copy
     return GameReferences(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
 

@@ -1,9 +1,14 @@
-"""Collection, the frame cache, the split by episode and the balanced multi-game order."""
+"""Collection, the frame store as a cache, the split by episode and the balanced game order."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +20,14 @@ from atari_vae.data import (
     balanced_order,
     cache_dir,
     cache_key,
+    chain_length,
     collect_episodes,
     load_games,
     load_or_collect,
     split_by_episode,
 )
 from atari_vae.envs import resolve_game
+from atari_vae.store import INDEX_FILE, FrameRows
 
 BREAKOUT = resolve_game("Breakout")
 PONG = resolve_game("Pong")
@@ -35,8 +42,17 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _same(a: FrameSet, b: FrameSet) -> bool:
-    return all(torch.equal(getattr(a, f.name), getattr(b, f.name))
+    return all(torch.equal(_tensor(getattr(a, f.name)), _tensor(getattr(b, f.name)))
                for f in dataclasses.fields(FrameSet) if f.name != "games") and a.games == b.games
+
+
+def _tensor(values: torch.Tensor | FrameRows) -> torch.Tensor:
+    return values[:] if isinstance(values, FrameRows) else values
+
+
+def _store(cache: Path) -> Path:
+    (path,) = [p for p in cache.iterdir() if p.is_dir()]
+    return path
 
 
 def test_collection_is_deterministic_for_a_seed_and_differs_between_seeds():
@@ -47,12 +63,14 @@ def test_collection_is_deterministic_for_a_seed_and_differs_between_seeds():
     assert not torch.equal(first.frames_uint8[:len(other)], other.frames_uint8[:len(first)])
 
 
-def test_asynchronous_collection_yields_the_frames_of_lockstep_collection():
-    # Which envs a step returns depends on thread timing; the frames must not.
-    lockstep = collect_episodes(BREAKOUT, 10, 60, seed=3, progress=False, batch_size=8)
-    for batch_size in (1, 3):
-        assert _same(collect_episodes(BREAKOUT, 10, 60, seed=3, progress=False,
-                                      batch_size=batch_size), lockstep)
+def test_frames_of_a_seed_do_not_depend_on_how_many_envs_play_them():
+    # 20 episodes come in chains of 2 from one seeded reset; which env plays a chain, and when
+    # the chains finish, must not matter.
+    assert chain_length(20) == 2
+    reference = collect_episodes(BREAKOUT, 20, 60, seed=3, progress=False)
+    for num_envs in (1, 3):
+        assert _same(collect_episodes(BREAKOUT, 20, 60, seed=3, progress=False,
+                                      num_envs=num_envs), reference)
 
 
 def test_collected_frames_are_64x64_rgb_episodes_no_longer_than_max_steps():
@@ -72,46 +90,154 @@ def test_cache_lives_where_the_environment_says(private_cache):
 
 def test_cache_hit_returns_identical_frames_without_collecting_again(private_cache):
     first = load_or_collect(BREAKOUT, 3, 40, seed=2, progress=False)
-    files = list(private_cache.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npz"
-    stamp = files[0].stat().st_mtime_ns
-    again = load_or_collect(BREAKOUT, 3, 40, seed=2, progress=False)
-    assert _same(first, again)
-    assert list(private_cache.iterdir()) == files and files[0].stat().st_mtime_ns == stamp
+    store = _store(private_cache)
+    stamps = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+    collected = []
+    again = load_or_collect(BREAKOUT, 3, 40, seed=2, progress=False, on_episode=collected.append)
+    assert _same(first, again) and collected == []
+    assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == stamps
 
 
-def _npz(**arrays: np.ndarray):
-    def write(path: Path) -> None:
-        with open(path, "wb") as fh:
-            np.savez(fh, **arrays)
-    return write
+def _mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose mapping holds ``tensor``'s memory, from /proc/self/maps."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split()
+        start, end = (int(x, 16) for x in span.split("-"))
+        if start <= address < end:
+            return rest[4] if len(rest) > 4 else None
+    return None
 
 
-UNREADABLE = {
-    "truncated": lambda path: path.write_bytes(path.read_bytes()[:200]),  # as after a crash
-    "empty": lambda path: path.write_bytes(b""),
-    "not a zip": lambda path: path.write_bytes(b"\x00" * 5000),
-    "pickled arrays": _npz(frames=np.array([object()]), episode_ids=np.zeros(1),
-                           steps=np.zeros(1)),
-    "frames of another shape": _npz(frames=np.zeros((2, 64, 64, 3), np.uint8),
-                                    episode_ids=np.zeros(2), steps=np.zeros(2)),
-}
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc")
+def test_stored_frames_are_memory_mapped_from_the_store_not_loaded(private_cache):
+    frames = load_or_collect(BREAKOUT, 3, 40, seed=2, progress=False).frames_uint8
+    assert _mapped_file(frames) == str(_store(private_cache) / "frames.u8")
+    assert _mapped_file(collect_episodes(BREAKOUT, 3, 40, seed=2, progress=False)
+                        .frames_uint8) != str(_store(private_cache) / "frames.u8")
 
 
-@pytest.mark.parametrize("damage", UNREADABLE.values(), ids=UNREADABLE.keys())
-def test_an_unreadable_cache_file_of_any_kind_is_reported_in_one_line_and_collected_again(
-        private_cache, caplog, damage):
-    first = load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False)
-    (path,) = private_cache.iterdir()
-    damage(path)
+@pytest.mark.parametrize("damage", ["truncated frames", "empty frames", "empty index",
+                                    "garbled index", "foreign index", "store is a file"])
+def test_an_unreadable_store_is_reported_in_one_line_and_collected_again(private_cache, caplog,
+                                                                         damage):
+    load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False)  # not kept: it maps the file
+    first = collect_episodes(BREAKOUT, 2, 30, seed=3, progress=False)
+    store = _store(private_cache)
+    if damage == "truncated frames":  # as after a disk that lost the tail
+        (store / "frames.u8").write_bytes((store / "frames.u8").read_bytes()[:200])
+    elif damage.startswith("empty"):  # zero bytes, as a full disk leaves them
+        (store / ("frames.u8" if damage == "empty frames" else INDEX_FILE)).write_bytes(b"")
+    elif damage == "garbled index":
+        (store / INDEX_FILE).write_text('{"format": "atari-vae-fr')
+    elif damage == "foreign index":
+        index = json.loads((store / INDEX_FILE).read_text())
+        (store / INDEX_FILE).write_text(json.dumps({**index, "episode_lengths": [-1, "x"]}))
+    else:
+        for path in store.iterdir():
+            path.unlink()
+        store.rmdir()
+        store.write_bytes(b"not a store")
     with caplog.at_level(logging.WARNING, logger="atari_vae.data"):
         again = load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unreadable frame store" in warnings[0]
+    assert "\n" not in warnings[0] and store.name in warnings[0]
     assert _same(first, again)
-    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert warning.startswith(f"unreadable cache file {path} (") and "\n" not in warning
-    assert warning.endswith("); collecting again")
     assert _same(load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False), first)
-    assert [p.name for p in private_cache.iterdir()] == [path.name]  # rewritten, no temp files
+    assert not [p for p in store.iterdir() if ".partial-" in p.name]  # no temp files left
+
+
+def test_an_old_npz_cache_is_refused_in_one_line_and_never_used(private_cache, caplog):
+    # What COLLECTOR_VERSION 3 wrote: one .npz per key; its episodes are not this collector's.
+    old = private_cache / "breakout-2ep-30steps-seed3-0123456789abcdef.npz"
+    private_cache.mkdir()
+    np.savez(old, frames=np.zeros((5, 3, 64, 64), np.uint8), episode_ids=np.zeros(5, np.int64),
+             steps=np.arange(5))
+    with caplog.at_level(logging.WARNING, logger="atari_vae.data"):
+        frames = load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and old.name in warnings[0] and "older collector" in warnings[0]
+    assert _same(frames, collect_episodes(BREAKOUT, 2, 30, seed=3, progress=False))
+    assert old.exists()  # the user's file: reported, not deleted
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_run(
+        tmp_path, monkeypatch, caplog):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("ATARI_VAE_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    with caplog.at_level(logging.WARNING, logger="atari_vae.data"):
+        frames = load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "temporary store" in warnings[0]
+    assert _same(frames, collect_episodes(BREAKOUT, 2, 30, seed=3, progress=False))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_after(count: int):
+    seen = []
+
+    def hook(number: int) -> None:
+        seen.append(number)
+        if len(seen) == count:
+            raise Interrupted(f"stopped after {count} episodes")
+    return hook
+
+
+def _stored(cache: Path) -> list[int]:
+    index = json.loads((_store(cache) / INDEX_FILE).read_text())
+    assert not index["complete"]
+    return index["episode_numbers"]
+
+
+def test_an_interrupted_collection_resumes_where_it_stopped_and_equals_an_uninterrupted_one(
+        private_cache):
+    # 12 Breakout episodes of up to 300 steps, chains of 1 over 4 envs: episodes end out of
+    # order (stored as they end); the finished store is in episode order all the same.
+    with pytest.raises(Interrupted):
+        load_or_collect(BREAKOUT, 12, 300, seed=7, progress=False,
+                        on_episode=_interrupt_after(5))
+    stored = _stored(private_cache)
+    assert len(stored) == 5
+    resumed_episodes = []
+    resumed = load_or_collect(BREAKOUT, 12, 300, seed=7, progress=False,
+                              on_episode=resumed_episodes.append)
+    assert sorted(resumed_episodes) == sorted(set(range(12)) - set(stored))  # none twice
+    assert _same(resumed, collect_episodes(BREAKOUT, 12, 300, seed=7, progress=False))
+    assert resumed.episode_ids.unique_consecutive().tolist() == list(range(12))
+
+
+KILLED_COLLECTION = """
+import os, signal, sys
+from atari_vae.data import load_or_collect
+from atari_vae.envs import resolve_game
+
+seen = []
+
+def die(number):
+    seen.append(number)
+    if len(seen) == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+load_or_collect(resolve_game("Breakout"), 20, 60, seed=8, progress=False, on_episode=die)
+"""
+
+
+def test_a_collection_killed_with_sigkill_resumes_to_the_uninterrupted_store(private_cache):
+    # Chains of 2: the resumed run replays the stored half of a chain it stopped in.
+    done = subprocess.run([sys.executable, "-c", KILLED_COLLECTION, "9"], capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+    stored = _stored(private_cache)
+    assert len(stored) == 9
+    resumed_episodes = []
+    resumed = load_or_collect(BREAKOUT, 20, 60, seed=8, progress=False,
+                              on_episode=resumed_episodes.append)
+    assert sorted(resumed_episodes) == sorted(set(range(20)) - set(stored))
+    assert _same(resumed, collect_episodes(BREAKOUT, 20, 60, seed=8, progress=False))
 
 
 @pytest.mark.parametrize("change", [dict(game=PONG), dict(num_episodes=4), dict(max_steps=41),
@@ -133,6 +259,16 @@ def test_split_is_by_episode_with_the_requested_share_and_at_least_one_each(val_
     assert len(train) + len(val) == len(frames)
 
 
+def test_split_parts_are_views_that_read_the_same_frames_as_a_copy():
+    frames = load_or_collect(BREAKOUT, 10, 20, seed=4, progress=False)
+    train, val = split_by_episode(frames, 0.2, seed=0)
+    assert isinstance(train.frames_uint8, FrameRows) and isinstance(val.frames_uint8, FrameRows)
+    is_val = torch.isin(frames.episode_ids, val.episode_ids.unique())
+    assert torch.equal(val.frames_uint8[:], frames.frames_uint8[is_val])
+    index = torch.tensor([len(train) - 1, 0, 5, 5])
+    assert torch.equal(train.frames_uint8[index], frames.frames_uint8[~is_val][index])
+
+
 def test_split_depends_on_the_seed_only():
     frames = load_or_collect(BREAKOUT, 10, 20, seed=4, progress=False)
     a = split_by_episode(frames, 0.3, seed=1)[1].episode_ids.unique()
@@ -152,6 +288,11 @@ def test_multi_game_frames_keep_episodes_unique_and_split_within_each_game():
         assert (val.game_ids == game).any() and (train.game_ids == game).any()
     assert torch.equal(frames.for_game("Pong").frames_uint8,
                        load_or_collect(PONG, 4, 20, seed=4, progress=False).frames_uint8)
+    assert isinstance(frames.frames_uint8, FrameRows)  # the stores are mixed, not copied
+    order = torch.randperm(len(frames), generator=torch.Generator().manual_seed(0))[:50]
+    in_memory = torch.cat([load_or_collect(g, 4, 20, seed=4, progress=False).frames_uint8
+                           for g in (BREAKOUT, PONG)])
+    assert torch.equal(frames.frames_uint8[order], in_memory[order])
 
 
 def test_balanced_order_gives_every_game_equally_many_frames_per_epoch():

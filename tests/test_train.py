@@ -234,7 +234,7 @@ def test_a_multi_game_run_weighs_and_scores_each_frame_against_its_own_games_ref
     train_set, val_set = split_by_episode(frames, cfg.val_split, cfg.seed)
     result = fit(cfg, train_set, val_set)
 
-    val_frames = to_float(val_set.frames_uint8)
+    val_frames = to_float(val_set.frames_uint8[:])
     means, backgrounds = game_references(train_set.frames_uint8, train_set.game_ids,
                                          len(train_set.games))
     own_fraction = foreground_mask(val_frames, backgrounds[val_set.game_ids]).float().mean()

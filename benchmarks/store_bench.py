@@ -1,0 +1,179 @@
+"""Frame store benchmark: collection time, disk and peak memory; training images/s from the
+memory-mapped store against the same frames copied into RAM.
+
+    python benchmarks/store_bench.py collect --games Breakout --episodes 20,200,1000
+    python benchmarks/store_bench.py table --games Breakout --episodes 20,200,1000 --steps 200
+    python benchmarks/store_bench.py train --games Breakout,Pong,SpaceInvaders --episodes 1000
+
+Frames go to $ATARI_VAE_CACHE_DIR (collected once, re-used). Every training figure comes from
+its own subprocess, so each peak is that mode's own. fp32, batch 128, one thread per core given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_STEPS, SEED, VAL_SPLIT, BATCH = 1000, 42, 0.1, 128
+
+
+class PeakMemory:
+    """Peak resident memory of this process: anonymous (sampled) and all (the kernel's VmHWM).
+
+    File pages of a memory map count as resident once touched, but the kernel drops them at
+    will, so the anonymous peak is what must fit in RAM.
+    """
+
+    def __init__(self, every_s: float = 0.05) -> None:
+        self.anon_peak, self.every_s = 0, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        self.anon_peak = max(self.anon_peak, status_kib("RssAnon") * 1024)
+
+    @staticmethod
+    def total_peak() -> int:
+        return status_kib("VmHWM") * 1024
+
+
+def status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def gib(n_bytes: float) -> float:
+    return round(n_bytes / 2**30, 3)
+
+
+def collect(games: list[str], episodes: int) -> dict:
+    """Collect (or finish) each game's store; wall time, frames, disk and peak memory."""
+    from atari_vae.data import cache_dir, cache_key, load_or_collect
+    from atari_vae.envs import resolve_game
+
+    result = {"episodes": episodes, "games": {}, "load": os.getloadavg()[0]}
+    with PeakMemory() as peak:
+        started = time.perf_counter()
+        for name in games:
+            game = resolve_game(name)
+            began = time.perf_counter()
+            frames = load_or_collect(game, episodes, MAX_STEPS, SEED, progress=False)
+            seconds = time.perf_counter() - began
+            path = cache_dir() / cache_key(game, episodes, MAX_STEPS, SEED)
+            disk = sum(p.stat().st_size for p in path.iterdir())
+            result["games"][game.title] = {"seconds": round(seconds, 1), "frames": len(frames),
+                                           "frames_per_s": round(len(frames) / seconds),
+                                           "disk_gib": gib(disk)}
+            del frames
+        result["seconds"] = round(time.perf_counter() - started, 1)
+    result.update(anon_peak_gib=gib(peak.anon_peak), rss_peak_gib=gib(peak.total_peak()),
+                  cpu_s=round(sum(os.times()[:4]), 1), load_after=os.getloadavg()[0])
+    return result
+
+
+def train(games: list[str], episodes: int, mode: str, steps: int) -> dict:
+    """images/s of ``steps`` real training steps (train._train_epoch), fp32, batch 128."""
+    from atari_vae import train as training
+    from atari_vae.config import TrainConfig
+    from atari_vae.data import load_games, split_by_episode
+    from atari_vae.envs import FRAME_SHAPE, resolve_game
+    from atari_vae.metrics import game_references
+    from atari_vae.model import VAE
+    from atari_vae.store import FrameRows
+
+    cfg = TrainConfig(batch_size=BATCH, precision="fp32")
+    with PeakMemory() as peak:
+        began = time.perf_counter()
+        frames = load_games([resolve_game(g) for g in games], episodes, MAX_STEPS, SEED, False)
+        train_set, val_set = split_by_episode(frames, VAL_SPLIT, SEED)
+        if mode == "ram":  # the frames as the in-RAM cache held them: one tensor per split
+            train_set, val_set = (s.subset(torch.arange(len(s))) for s in (train_set, val_set))
+        refs = game_references(train_set.frames_uint8, train_set.game_ids, len(games))
+        prep_s = time.perf_counter() - began
+        # steps x batch rows drawn from the whole training set, read where they lie
+        pick = torch.randint(len(train_set), (steps * BATCH,),
+                             generator=torch.Generator().manual_seed(0))
+        sample = FrameRows.of(train_set.frames_uint8, pick)
+        torch.manual_seed(0)
+        model = VAE(FRAME_SHAPE, cfg.latent_dim)
+        model.init_output_bias(refs.backgrounds[:1])
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+        def run(rows: FrameRows) -> float:
+            started = time.perf_counter()
+            training._train_epoch(model, opt, sched, rows, train_set.game_ids[pick[:len(rows)]],
+                                  refs.backgrounds, cfg, torch.Generator().manual_seed(1),
+                                  torch.float32)
+            return time.perf_counter() - started
+
+        run(FrameRows.of(sample, torch.arange(2 * BATCH)))  # warm-up
+        seconds = run(sample)
+    return {"games": games, "episodes": episodes, "mode": mode, "steps": steps,
+            "train_frames": len(train_set), "val_frames": len(val_set),
+            "epoch_images": len(games) * int(torch.bincount(train_set.game_ids).max()),
+            "images_per_s": round(steps * BATCH / seconds, 1), "prep_s": round(prep_s, 1),
+            "anon_peak_gib": gib(peak.anon_peak), "rss_peak_gib": gib(peak.total_peak()),
+            "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
+
+
+def table(games: list[str], episode_counts: list[int], steps: int, modes: list[str]) -> list:
+    """``train`` for every episode count and mode, each in a fresh interpreter."""
+    rows = []
+    for episodes in episode_counts:
+        for mode in modes:
+            out = subprocess.run(
+                [sys.executable, __file__, "train", "--games", ",".join(games), "--episodes",
+                 str(episodes), "--mode", mode, "--steps", str(steps)],
+                capture_output=True, text=True, check=True, env={**os.environ,
+                                                                 "PYTHONPATH": str(ROOT)})
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["collect", "train", "table"])
+    parser.add_argument("--games", default="Breakout")
+    parser.add_argument("--episodes", default="20")
+    parser.add_argument("--mode", default="store", choices=["store", "ram"])
+    parser.add_argument("--modes", default="store,ram")
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    games, counts = args.games.split(","), [int(n) for n in args.episodes.split(",")]
+    if args.what == "collect":
+        for episodes in counts:
+            print(json.dumps(collect(games, episodes)), flush=True)
+    elif args.what == "train":
+        print(json.dumps(train(games, counts[0], args.mode, args.steps)), flush=True)
+    else:
+        print(json.dumps(table(games, counts, args.steps, args.modes.split(","))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
