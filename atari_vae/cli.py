@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
+from atari_vae.config import EvaluateConfig, ServeConfig, TrainConfig, TuneConfig, fields_of
 from atari_vae.errors import AtariVaeError
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
@@ -118,6 +118,16 @@ def tune(**flags: Any) -> None:
     from atari_vae.tune import tune_job
 
     tune_job(TuneConfig(**flags))
+
+
+@main.command()
+@options_from(ServeConfig)
+@friendly_errors
+def serve(**flags: Any) -> None:
+    """Serve latent means over HTTP from the installed package (request size limits)."""
+    from atari_vae.serve import serve_job
+
+    serve_job(ServeConfig(**flags))
 
 
 if __name__ == "__main__":

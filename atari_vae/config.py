@@ -90,7 +90,7 @@ class EvaluateConfig:
     model_path: str = flag(
         "outputs/vae_training/best_model.pt",
         "A state_dict file, a training checkpoint, models:/<name>@<alias>, "
-        "models:/<name>/<version> or runs:/<run_id>/model.")
+        "models:/<name>/<version> or runs:/<run_id>/<game> (e.g. runs:/<id>/breakout).")
     env_name: str = flag("Breakout", "Game(s) to evaluate on; comma-separated for a table.")
     num_samples: int = flag(1000, "Held-out frames to score per game.")
     max_steps: int = flag(1000, "Longest episode kept, in agent steps.")
@@ -159,6 +159,29 @@ class TuneConfig(TrainConfig):
                 f"no power of two lies in --latent_dim_min {self.latent_dim_min} .. "
                 f"--latent_dim_max {self.latent_dim_max}; widen the range (e.g. 8 .. 128)")
         _positive(self, "eval_samples", "heartbeat_interval")
+
+
+@dataclass
+class ServeConfig:
+    """Serve a VAE's latent means over HTTP, with request limits."""
+
+    model_uri: str = flag(
+        "models:/atari-vae-breakout@champion",
+        "models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>/<game> or a .pt file.")
+    host: str = flag("127.0.0.1", "Interface to bind; 0.0.0.0 exposes the server to the network.")
+    port: int = flag(5001, "TCP port.")
+    max_frames: int = flag(256, "Most frames one request may carry; more get HTTP 413.")
+    max_request_mb: float = flag(
+        72.0, "Largest request body in MiB (256 frames of float32 values as JSON take up to "
+        "~63); larger gets HTTP 413.")
+    device: str = flag("cpu", "Compute device.", choices=DEVICE_CHOICES)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value and what is allowed."""
+        _positive(self, "port", "max_frames", "max_request_mb")
+        if self.port > 65535:
+            raise ConfigError(f"--port must be at most 65535, got {self.port}")
+        _choice(self, "device", DEVICE_CHOICES, prefix=True)
 
 
 def power_of_two_dims(low: int, high: int) -> list[int]:

@@ -68,7 +68,7 @@ def test_champion_moves_only_to_a_model_that_beats_it_on_the_held_out_frames() -
     assert float(kept.tags[registry.SCORE_TAG]) < float(
         client.get_model_version("m", "2").tags[registry.SCORE_TAG])
     # Registering the same run again reuses its version instead of adding one.
-    assert registry.register_version(f"runs:/{kept.run_id}/model", "m", kept.run_id, {}, "") \
+    assert registry.register_version(f"runs:/{kept.run_id}/breakout", "m", kept.run_id, {}, "") \
         == worse.version
 
 
