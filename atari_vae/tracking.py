@@ -30,8 +30,9 @@ DEFAULT_RETRY_S = 600.0
 KILLED_RETRY_S = 15.0  # a killed job should exit soon
 OUTBOX = Outbox()
 
-# The UI draws one chart section per name prefix: per-epoch curves under train/ and val/, the
-# end-of-run figures under final/. Internal names (training loop, tune, evaluate) stay as is.
+# The UI draws one chart section per name prefix, sorted by name: per-epoch curves under train/
+# and val/, then the best model's end-of-run figures under val_best/ (one point each: before the
+# curves, 18 of them filled the page). Internal names (loop, tune, evaluate) stay as they are.
 EPOCH_KEYS = {"baseline_psnr": "val/baseline_psnr", "pruning_value": "val/pruning_value"}
 RUN_KEYS = {"n_train_frames": "data/n_train_frames", "n_val_frames": "data/n_val_frames",
             "tune_seconds": "study/tune_seconds", "best_value": "study/best_value",
@@ -39,10 +40,13 @@ RUN_KEYS = {"n_train_frames": "data/n_train_frames", "n_val_frames": "data/n_val
             "trial_value": "trial/value", "trial_kl": "trial/kl"}
 
 
-def metric_key(name: str, per_epoch: bool = False) -> str:
-    """The name MLflow shows for an internal metric name (``val_psnr`` -> ``val/psnr``)."""
+def metric_key(name: str, per_epoch: bool = False, of_model: bool = False) -> str:
+    """The name MLflow shows for an internal metric name (``val_psnr`` -> ``val/psnr``);
+    ``of_model``: a logged model's figures on the validation episodes."""
     if "/" in name:  # already grouped, e.g. evaluate's Breakout/psnr
         return name
+    if of_model:
+        return f"val_best/{name}"
     if per_epoch:
         for section in ("train", "val"):
             if name.startswith(section + "_"):
@@ -80,8 +84,13 @@ def configure(experiment_name: str | None = None) -> None:
     # MLflow sets its logger to INFO when imported; keep its chatter out of our log unless -v.
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-    # No download progress bars inside a job's log (models are two small files).
+        # the outbox says once that the server is away; urllib3 would warn on every retry
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    # No download progress bars inside a job's log (models are two small files), and no
+    # "View run" lines on stdout: MLflow prints them at each end, with a URL that opens the
+    # experiment in its GenAI view (tracked_run logs the model-training view's URL instead).
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
@@ -211,6 +220,14 @@ def tracked_run(run_name: str | None = None, tags: dict[str, Any] | None = None,
         raise
     else:
         _end(mlflow, "FINISHED")
+        if _is_remote() and not nested:
+            log.info("run in the UI: %s", ui_url(run.info.experiment_id, run.info.run_id))
+
+
+def ui_url(experiment_id: str, run_id: str | None = None) -> str:
+    """The UI page of a run, or the runs table of an experiment in the model-training view."""
+    base = f"{tracking_uri().rstrip('/')}/#/experiments/{experiment_id}"
+    return f"{base}/runs/{run_id}" if run_id else f"{base}/runs?workflowType=machine_learning"
 
 
 def _end(mlflow: Any, status: str) -> None:
@@ -231,15 +248,24 @@ def _end(mlflow: Any, status: str) -> None:
         status = "FAILED" if incomplete else status
         log.error("run %s could not log to %s: %s; it ends %s", run_id, tracking_uri(),
                   missing[:2000], status)
+    # the outbox already waited out the retry time if the server is still away
+    wait_s = KILLED_RETRY_S if box.metrics or box.files else retry_s()
     try:
         for key, value in tags.items():
-            retrying("tagging the run", functools.partial(client.set_tag, run_id, key, value))
-        retrying("ending the run", lambda: mlflow.end_run(status=status))
+            retry_while_unreachable("tagging the run", functools.partial(
+                client.set_tag, run_id, key, value), wait_s)
+        # not mlflow.end_run: it pops the run first, so a retry would end the parent run
+        retry_while_unreachable("ending the run", functools.partial(
+            client.set_terminated, run_id, status), wait_s)
     except Exception as exc:
+        with contextlib.suppress(Exception):  # off MLflow's run stack; the server cannot hear
+            mlflow.end_run(status=status)
         raise AtariVaeError(
             f"the tracking server at {tracking_uri()} stayed unreachable, so MLflow run {run_id} "
             f"could not be ended {status} (it shows RUNNING) and these were not logged: "
             f"{missing or 'nothing'}; the outputs on disk are complete") from exc
+    with contextlib.suppress(Exception):  # the status is stored; this pops MLflow's run stack
+        mlflow.end_run(status=status)
     if incomplete:  # never a silent FINISHED with holes
         raise AtariVaeError(f"MLflow run {run_id} could not log {missing[:500]}; it is marked "
                             f"FAILED (tag 'unlogged'); the outputs on disk are complete")
@@ -267,8 +293,8 @@ def log_metrics(metrics: dict[str, float], step: int | None = None,
 
     run_id = mlflow.active_run().info.run_id
     now = int(time.time() * 1000)
-    points = [Metric(metric_key(k, per_epoch), float(v), now, step or 0, model_id=model_id,
-                     run_id=run_id) for k, v in metrics.items()]
+    points = [Metric(metric_key(k, per_epoch, of_model=model_id is not None), float(v), now,
+                     step or 0, model_id=model_id, run_id=run_id) for k, v in metrics.items()]
     OUTBOX.put(run_id, points, background=_is_remote())
 
 

@@ -130,9 +130,9 @@ def test_mlflow_run_has_one_value_per_epoch_for_each_loss_and_quality_metric(tra
         history = client.get_metric_history(trained.run.info.run_id, key)
         assert [m.step for m in history] == list(range(1, EPOCHS + 1)), key
     final = trained.run.data.metrics
-    assert {"final/psnr", "final/accuracy", "final/baseline_psnr", "final/fg_accuracy",
-            "final/baseline_fg_accuracy"} <= set(final)
-    assert 0.0 <= final["final/accuracy"] <= 1.0 and final["final/psnr"] > 10
+    assert {"val_best/psnr", "val_best/accuracy", "val_best/baseline_psnr",
+            "val_best/fg_accuracy", "val_best/baseline_fg_accuracy"} <= set(final)
+    assert 0.0 <= final["val_best/accuracy"] <= 1.0 and final["val_best/psnr"] > 10
 
 
 def test_mlflow_run_is_tagged_with_game_version_and_commit(trained):
