@@ -52,7 +52,7 @@ class Outbox:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # guards the queues
         self._send_lock = threading.Lock()  # one sender at a time: no point goes twice
-        self._runs: dict[str, RunOutbox] = defaultdict(RunOutbox)
+        self._runs: dict[str, RunOutbox] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._down_since: float | None = None
@@ -61,7 +61,7 @@ class Outbox:
             background: bool = False) -> None:
         """Queue points and files; send now (``background=False``) or wake the sender thread."""
         with self._lock:
-            box = self._runs[run_id]
+            box = self._runs.setdefault(run_id, RunOutbox())
             box.metrics.extend(metrics)
             box.files.extend(files)
         if background:
@@ -76,7 +76,9 @@ class Outbox:
 
         client = mlflow.MlflowClient()
         with self._send_lock:
-            box = self._runs[run_id]
+            box = self._runs.get(run_id)
+            if box is None or not (box.metrics or box.files):
+                return True  # nothing to send says nothing about the server
             try:
                 while box.metrics:
                     self._send_metrics(client, run_id, box)

@@ -88,7 +88,8 @@ def log_vae_model(model: VAE, metadata: dict[str, Any] | None = None, name: str 
         info = tracking.retrying(
             f"logging model {name!r}", lambda: mlflow.pyfunc.log_model(
                 name=name, loader_module="atari_vae.pyfunc_model", data_path=str(vae_dir),
-                signature=signature, pip_requirements=_requirements()))
+                signature=signature, pip_requirements=_requirements(),
+                step=step or 0))  # the UI pairs a run's metrics with models of their step
     if metrics:
         tracking.log_metrics(metrics, step=step, model_id=info.model_id)
     return info

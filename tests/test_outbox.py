@@ -110,6 +110,10 @@ def test_a_run_whose_server_stays_away_ends_with_an_error_naming_the_lost_steps(
     monkeypatch.setenv(tracking.RETRY_ENV, "3")
     with pytest.raises(AtariVaeError) as raised, tracking.tracked_run("lost") as run:
         tracking.log_metrics({"val_loss": 1.0}, step=1, per_epoch=True)
+        deadline = time.monotonic() + 120
+        while not mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/loss"):
+            assert time.monotonic() < deadline, "step 1 never reached the server"
+            time.sleep(0.5)
         on_server.kill()
         tracking.log_metrics({"val_loss": 0.5}, step=2, per_epoch=True)
     assert "val/loss step 2" in str(raised.value) and "RUNNING" in str(raised.value)
