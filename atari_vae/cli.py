@@ -14,7 +14,14 @@ from typing import Any
 
 import click
 
-from atari_vae.config import EvaluateConfig, RegisterConfig, TrainConfig, TuneConfig, fields_of
+from atari_vae.config import (
+    EvaluateConfig,
+    RegisterConfig,
+    ServeConfig,
+    TrainConfig,
+    TuneConfig,
+    fields_of,
+)
 from atari_vae.errors import AtariVaeError
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
@@ -132,6 +139,16 @@ def register(**flags: Any) -> None:
     from atari_vae.registration import register_job
 
     register_job(RegisterConfig(**flags))
+
+
+@main.command()
+@options_from(ServeConfig)
+@friendly_errors
+def serve(**flags: Any) -> None:
+    """Serve latent means over HTTP from the installed package (request size limits)."""
+    from atari_vae.serve import serve_job
+
+    serve_job(ServeConfig(**flags))
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ class EvaluateConfig:
     model_path: str = flag(
         "outputs/vae_training/best_model.pt",
         "A state_dict file, a training checkpoint, models:/<name>@<alias>, "
-        "models:/<name>/<version> or runs:/<run_id>/model.")
+        "models:/<name>/<version> or runs:/<run_id>/<game> (e.g. runs:/<id>/breakout).")
     env_name: str = flag("Breakout", "Game(s) to evaluate on; comma-separated for a table.")
     num_samples: int = flag(1000, "Held-out frames to score per game.")
     max_steps: int = flag(1000, "Longest episode kept, in agent steps.")
@@ -185,7 +185,7 @@ class RegisterConfig:
 
     model_path: str = flag(
         "outputs/vae_training/best_model.pt",
-        "A .pt state_dict or checkpoint from train, or runs:/<run_id>/model.")
+        "A .pt state_dict or checkpoint from train, or runs:/<run_id>/<game>.")
     env_name: str = flag(
         "Breakout", "Game(s) the model was trained on (comma-separated for a mix): the "
         "selection frames come from these.")
@@ -204,6 +204,29 @@ def check_model_name(name: str) -> None:
     if name and not re.fullmatch(MODEL_NAME_PATTERN, name):
         raise ConfigError(f"--model_name {name!r} is not allowed: use 1-100 letters, digits, "
                           f"'.', '_' or '-', starting with a letter or digit")
+
+
+@dataclass
+class ServeConfig:
+    """Serve a VAE's latent means over HTTP, with request limits."""
+
+    model_uri: str = flag(
+        "models:/atari-vae-breakout@champion",
+        "models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>/<game> or a .pt file.")
+    host: str = flag("127.0.0.1", "Interface to bind; 0.0.0.0 exposes the server to the network.")
+    port: int = flag(5001, "TCP port.")
+    max_frames: int = flag(256, "Most frames one request may carry; more get HTTP 413.")
+    max_request_mb: float = flag(
+        72.0, "Largest request body in MiB (256 frames of float32 values as JSON take up to "
+        "~63); larger gets HTTP 413.")
+    device: str = flag("cpu", "Compute device.", choices=DEVICE_CHOICES)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value and what is allowed."""
+        _positive(self, "port", "max_frames", "max_request_mb")
+        if self.port > 65535:
+            raise ConfigError(f"--port must be at most 65535, got {self.port}")
+        _choice(self, "device", DEVICE_CHOICES, prefix=True)
 
 
 def power_of_two_dims(low: int, high: int) -> list[int]:

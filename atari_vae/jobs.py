@@ -71,12 +71,12 @@ def _tracked_training(cfg: TrainConfig, games: list[Game], run_token: str,
         train_set, val_set = split_by_episode(frames, cfg.val_split, cfg.seed)
         tracking.log_metrics({"n_train_frames": len(train_set), "n_val_frames": len(val_set)})
         result = fit(cfg, train_set, val_set, tracking.MlflowTrainHooks(), run_token)
-        tracking.log_metrics({**result.val_metrics, "best_epoch": result.best_epoch},
-                             step=cfg.epochs)
         tracking.log_files(list(result.files.values()))
         registry.log_vae_model(result.model, {"game": ",".join(g.title for g in games),
                                               "kl_weight": cfg.kl_weight,
-                                              "fg_weight": cfg.fg_weight})
+                                              "fg_weight": cfg.fg_weight},
+                               metrics={**result.val_metrics, "best_epoch": result.best_epoch},
+                               step=cfg.epochs)
         log.info("run %s: psnr %.2f dB (mean frame %.2f), fg_accuracy %.3f (mean frame %.3f)",
                  run.info.run_id, result.val_metrics["psnr"], result.val_metrics["baseline_psnr"],
                  result.val_metrics["fg_accuracy"], result.val_metrics["baseline_fg_accuracy"])

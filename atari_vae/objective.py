@@ -155,12 +155,11 @@ class Objective:
         trial.set_constraint(CONSTRAINT, kl - self.cfg.kl_budget)
         feasible = kl <= self.cfg.kl_budget
         metrics = {**m, "balanced_psnr": value, "kl": kl, "best_epoch": result.best_epoch}
-        tracking.log_metrics(metrics, step=trial_cfg.epochs)
         tracking.log_files([p for p in result.files.values() if p.suffix == ".png"])
         info = registry.log_vae_model(result.model, {
             "game": ",".join(self.titles), "kl_weight": trial_cfg.kl_weight,
             "fg_weight": trial_cfg.fg_weight, "optuna_study": self.cfg.study_name,
-            "optuna_trial": trial.number})
+            "optuna_trial": trial.number}, metrics=metrics, step=trial_cfg.epochs)
         for key in ("psnr", "fg_psnr", "fg_accuracy", "baseline_fg_accuracy"):
             trial.set_user_attr(key, m[key])
         trial.set_user_attr("kl", kl)

@@ -1,32 +1,33 @@
-"""MLflow "model from code": serves a VAE's latent means without unpickling anything.
+"""The MLflow pyfunc flavor of a VAE: frames in, latent means out, from the installed package.
 
-MLflow stores this file as source text and runs it at load time; the weights are a safetensors
-file and a JSON config beside it. Not imported by the package itself.
+A logged model's MLmodel names this module as its ``loader_module``; MLflow imports it from the
+environment (``pip install atari-vae``), so no code from the artifact store runs at load time
+and the weights are read from ``config.json`` + ``model.safetensors`` only.
 """
 
 from __future__ import annotations
 
-import mlflow
+from typing import Any
+
 import numpy as np
 import torch
-from mlflow.pyfunc import PythonModel
 
 
-class VAEEncoder(PythonModel):
+class VAEEncoder:
     """predict: (N, 3, 64, 64) float32 frames in [0, 1] -> (N, latent_dim) posterior means."""
 
-    def load_context(self, context) -> None:
-        from atari_vae.registry import load_vae_dir
+    def __init__(self, vae: torch.nn.Module) -> None:
+        self.vae = vae
 
-        self.vae = load_vae_dir(context.artifacts["vae"])
-
-    # np.ndarray is a hint MLflow accepts without inferring a schema from it: the logged
-    # signature stays the explicit one, and MLflow stops warning that predict has no hints.
-    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
+    def predict(self, model_input: Any, params: dict | None = None) -> np.ndarray:
         frames = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
             mu, _ = self.vae.encode(frames)
         return mu.numpy()
 
 
-mlflow.models.set_model(VAEEncoder())
+def _load_pyfunc(data_path: str, model_config: dict | None = None) -> VAEEncoder:
+    """MLflow's loader hook: ``data_path`` is the logged ``vae/`` folder."""
+    from atari_vae.registry import load_vae_dir
+
+    return VAEEncoder(load_vae_dir(data_path))

@@ -1,5 +1,5 @@
 """Registering a model version, and the register job: put a trained model (``.pt`` from train,
-or ``runs:/<run_id>/model``) through the same quality floor and champion comparison as tune.
+or ``runs:/<run_id>/<game>``) through the same quality floor and champion comparison as tune.
 
 ``.pt`` files are logged pickle-free to a new MLflow run (``registry.log_vae_model``) first.
 """

@@ -1,12 +1,14 @@
 """MLflow runs: the tracking URI, run lifecycle (FAILED/KILLED on errors), params, metrics, images.
 
 Registry and model (de)serialisation live in ``registry.py``; every other module is MLflow-free.
+Metric points and files go through ``outbox.py``, so a tracking server outage loses nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import subprocess
@@ -17,10 +19,57 @@ from pathlib import Path
 from typing import Any
 
 from atari_vae.errors import AtariVaeError
+from atari_vae.outbox import Outbox, describe_missing, retry_while_unreachable
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CONNECT_TIMEOUT_S = 20
+# How long a run waits for an unreachable tracking server before giving up on it (seconds).
+RETRY_ENV = "ATARI_VAE_TRACKING_RETRY_S"
+DEFAULT_RETRY_S = 600.0
+KILLED_RETRY_S = 15.0  # a killed job should exit soon
+OUTBOX = Outbox()
+
+# The UI draws one chart section per name prefix, sorted by name: per-epoch curves under train/
+# and val/, then the best model's end-of-run figures under val_best/ (one point each: before the
+# curves, 18 of them filled the page). Internal names (loop, tune, evaluate) stay as they are.
+EPOCH_KEYS = {"baseline_psnr": "val/baseline_psnr", "pruning_value": "val/pruning_value"}
+RUN_KEYS = {"n_train_frames": "data/n_train_frames", "n_val_frames": "data/n_val_frames",
+            "tune_seconds": "study/tune_seconds", "best_value": "study/best_value",
+            "best_trial": "study/best_trial", "best_kl": "study/best_kl",
+            "trial_value": "trial/value", "trial_kl": "trial/kl"}
+
+
+def metric_key(name: str, per_epoch: bool = False, of_model: bool = False) -> str:
+    """The name MLflow shows for an internal metric name (``val_psnr`` -> ``val/psnr``);
+    ``of_model``: a logged model's figures on the validation episodes."""
+    if "/" in name:  # already grouped, e.g. evaluate's Breakout/psnr
+        return name
+    if of_model:
+        return f"val_best/{name}"
+    if per_epoch:
+        for section in ("train", "val"):
+            if name.startswith(section + "_"):
+                return f"{section}/{name[len(section) + 1:]}"
+        return EPOCH_KEYS.get(name, f"train/{name}")  # lr, epoch_seconds
+    return RUN_KEYS.get(name, f"final/{name}")
+
+
+def retry_s() -> float:
+    """Seconds to keep retrying an unreachable tracking server (``$ATARI_VAE_TRACKING_RETRY_S``)."""
+    try:
+        return float(os.environ.get(RETRY_ENV) or DEFAULT_RETRY_S)
+    except ValueError as exc:
+        raise AtariVaeError(f"{RETRY_ENV} must be a number of seconds") from exc
+
+
+def _is_remote() -> bool:
+    return tracking_uri().startswith(("http://", "https://"))
+
+
+def retrying(what: str, call: Any) -> Any:
+    """``call()``, retried while the tracking server is unreachable (up to ``retry_s()``)."""
+    return retry_while_unreachable(what, call, retry_s())
 
 
 def tracking_uri() -> str:
@@ -35,6 +84,13 @@ def configure(experiment_name: str | None = None) -> None:
     # MLflow sets its logger to INFO when imported; keep its chatter out of our log unless -v.
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        # the outbox says once that the server is away; urllib3 would warn on every retry
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    # No download progress bars inside a job's log (models are two small files), and no
+    # "View run" lines on stdout: MLflow prints them at each end, with a URL that opens the
+    # experiment in its GenAI view (tracked_run logs the model-training view's URL instead).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
@@ -139,18 +195,22 @@ def base_tags(job: str, games: list[str]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def tracked_run(run_name: str | None = None, tags: dict[str, str] | None = None,
+def tracked_run(run_name: str | None = None, tags: dict[str, Any] | None = None,
                 nested: bool = False, run_id: str | None = None) -> Iterator[Any]:
     """A run that always ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C (and on
     SIGTERM or SIGHUP, which the CLI turns into KeyboardInterrupt).
 
-    Under ``mlflow run`` (MLFLOW_RUN_ID set) the top-level run is the one MLflow created.
+    Under ``mlflow run`` (MLFLOW_RUN_ID set) the top-level run is the one MLflow created. Before
+    it ends, every held metric point and file is sent; what cannot be makes the run FAILED.
     """
     import mlflow
 
     parent = mlflow.active_run() if nested else None
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
-                           parent_run_id=parent.info.run_id if parent else None, tags=tags)
+    # Tag values must be strings for a tracking server (only SQLite accepts an int).
+    run = retrying("starting the MLflow run", lambda: mlflow.start_run(
+        run_id=run_id, run_name=None if run_id else run_name, nested=nested,
+        parent_run_id=parent.info.run_id if parent else None,
+        tags={k: str(v) for k, v in (tags or {}).items()}))
     try:
         yield run
     except (KeyboardInterrupt, SystemExit):
@@ -161,48 +221,98 @@ def tracked_run(run_name: str | None = None, tags: dict[str, str] | None = None,
         raise
     else:
         _end(mlflow, "FINISHED")
+        if _is_remote() and not nested:
+            log.info("run in the UI: %s", ui_url(run.info.experiment_id, run.info.run_id))
+
+
+def ui_url(experiment_id: str, run_id: str | None = None) -> str:
+    """The UI page of a run, or the runs table of an experiment in the model-training view."""
+    base = f"{tracking_uri().rstrip('/')}/#/experiments/{experiment_id}"
+    return f"{base}/runs/{run_id}" if run_id else f"{base}/runs?workflowType=machine_learning"
 
 
 def _end(mlflow: Any, status: str) -> None:
-    # end_run drains the async metric queue itself; flushing first would join MLflow's logging
-    # thread twice, and each join waits out the thread's 1 s queue poll (measured: ~1 s a run).
-    mlflow.end_run(status=status)
+    """Send what the run still holds, note what could not be sent, then end it."""
+    run_id = mlflow.active_run().info.run_id
+    box = OUTBOX.drain(run_id, KILLED_RETRY_S if status == "KILLED" else retry_s())
+    unsent = [*box.metrics, *box.rejected]
+    missing = "; ".join(filter(None, [describe_missing(unsent),
+                                      ", ".join(f for f, _ in box.files)]))
+    client = mlflow.MlflowClient()
+    tags = {}
+    if box.retried:
+        tags.update(tracking_retried_points=str(box.retried),
+                    tracking_outage_s=f"{box.outage_s:.1f}")
+    incomplete = bool(missing) and status == "FINISHED"
+    if missing:
+        tags["unlogged"] = missing[:5000]
+        status = "FAILED" if incomplete else status
+        log.error("run %s could not log to %s: %s; it ends %s", run_id, tracking_uri(),
+                  missing[:2000], status)
+    # the outbox already waited out the retry time if the server is still away
+    wait_s = KILLED_RETRY_S if box.metrics or box.files else retry_s()
+    try:
+        for key, value in tags.items():
+            retry_while_unreachable("tagging the run", functools.partial(
+                client.set_tag, run_id, key, value), wait_s)
+        # not mlflow.end_run: it pops the run first, so a retry would end the parent run
+        retry_while_unreachable("ending the run", functools.partial(
+            client.set_terminated, run_id, status), wait_s)
+    except Exception as exc:
+        with contextlib.suppress(Exception):  # off MLflow's run stack; the server cannot hear
+            mlflow.end_run(status=status)
+        raise AtariVaeError(
+            f"the tracking server at {tracking_uri()} stayed unreachable, so MLflow run {run_id} "
+            f"could not be ended {status} (it shows RUNNING) and these were not logged: "
+            f"{missing or 'nothing'}; the outputs on disk are complete") from exc
+    with contextlib.suppress(Exception):  # the status is stored; this pops MLflow's run stack
+        mlflow.end_run(status=status)
+    if incomplete:  # never a silent FINISHED with holes
+        raise AtariVaeError(f"MLflow run {run_id} could not log {missing[:500]}; it is marked "
+                            f"FAILED (tag 'unlogged'); the outputs on disk are complete")
 
 
 def log_config(cfg: Any) -> None:
     """Log every config field as a param, skipping those ``mlflow run`` already logged."""
     import mlflow
 
-    run = mlflow.active_run()
-    existing = mlflow.get_run(run.info.run_id).data.params
-    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in existing}
-    mlflow.log_params({k: "" if v is None else v for k, v in params.items()})
+    run_id = mlflow.active_run().info.run_id
+    existing = retrying("reading the run", lambda: mlflow.get_run(run_id).data.params)
+    log_params({k: v for k, v in dataclasses.asdict(cfg).items() if k not in existing})
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """Log metrics; through MLflow's async queue for servers, so they cannot stall training.
+def log_metrics(metrics: dict[str, float], step: int | None = None,
+                model_id: str | None = None, per_epoch: bool = False) -> None:
+    """Log metrics to the active run under their UI names (``metric_key``), linked to the
+    logged model ``model_id`` if given; never raises while the tracking server is away.
 
-    A local SQLite store is written directly (~20 ms a call): with the async queue every
-    end_run waits up to 1 s for MLflow's logging thread to wake from its queue poll.
+    A local store is written at once; a server gets them from a background thread, so a slow
+    or restarting server never stalls training.
     """
     import mlflow
+    from mlflow.entities import Metric
 
-    local = tracking_uri().startswith(("sqlite:", "file:"))
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=local)
+    run_id = mlflow.active_run().info.run_id
+    now = int(time.time() * 1000)
+    points = [Metric(metric_key(k, per_epoch, of_model=model_id is not None), float(v), now,
+                     step or 0, model_id=model_id, run_id=run_id) for k, v in metrics.items()]
+    OUTBOX.put(run_id, points, background=_is_remote())
 
 
 def log_params(params: dict[str, Any]) -> None:
     """Log params to the active run (values as MLflow stores them: strings)."""
     import mlflow
 
-    mlflow.log_params({k: "" if v is None else v for k, v in params.items()})
+    values = {k: "" if v is None else v for k, v in params.items()}
+    retrying("logging params", lambda: mlflow.log_params(values))
 
 
 def set_tags(tags: dict[str, Any]) -> None:
     """Set tags on the active run; unlike params they may be overwritten."""
     import mlflow
 
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    values = {k: str(v) for k, v in tags.items()}
+    retrying("setting tags", lambda: mlflow.set_tags(values))
 
 
 def run_exists(run_id: str) -> bool:
@@ -229,18 +339,22 @@ def mark_killed(run_id: str) -> None:
 
 
 def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
-    """Copy files into the active run's artifacts (PNGs show as images in the UI)."""
+    """Copy files into the active run's artifacts (PNGs show as images in the UI); to a server
+    they are uploaded in the background and retried, like metrics."""
     import mlflow
 
-    for path in paths:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    if not _is_remote():  # a local copy: errors such as a full disk surface at once
+        for path in paths:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        return
+    OUTBOX.put(active_run_id(), [], [(str(p), artifact_path) for p in paths], background=True)
 
 
 class MlflowTrainHooks:
     """TrainHooks that log per-epoch metrics and checkpoint images to the active run."""
 
     def on_epoch_end(self, epoch: int, stats: dict[str, float]) -> None:
-        log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
+        log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch, per_epoch=True)
 
     def on_checkpoint(self, epoch: int, files: list[Path]) -> None:
         log_files([f for f in files if f.suffix == ".png"], "reconstructions")

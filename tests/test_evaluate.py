@@ -87,7 +87,7 @@ def test_evaluate_command_writes_every_output_and_logs_one_mlflow_run(trained, t
     assert run.data.params["num_samples"] == str(SAMPLES)
     assert run.data.params["model_path"] == str(trained.model_path)
     for key in ISSUE_KEYS:
-        assert run.data.metrics[key] == pytest.approx(doc[key]), key
+        assert run.data.metrics[f"final/{key}"] == pytest.approx(doc[key]), key
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert {*FIGURES, "metrics.json", "metrics.txt"} <= artifacts
 
@@ -96,7 +96,7 @@ def test_logged_and_registered_models_score_exactly_like_the_state_dict(
         trained, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.tracking_uri)
     mlflow.set_tracking_uri(trained.tracking_uri)
-    version = mlflow.register_model(f"runs:/{trained.run_id}/model", "tiny-vae")
+    version = mlflow.register_model(f"runs:/{trained.run_id}/breakout", "tiny-vae")
     MlflowClient().set_registered_model_alias("tiny-vae", "champion", version.version)
 
     def run(model_path: str, name: str) -> dict:
@@ -105,7 +105,7 @@ def test_logged_and_registered_models_score_exactly_like_the_state_dict(
                                            output_dir=str(tmp_path / name)))
 
     from_file = run(str(trained.model_path), "file")
-    from_run = run(f"runs:/{trained.run_id}/model", "run")
+    from_run = run(f"runs:/{trained.run_id}/breakout", "run")
     from_alias = run("models:/tiny-vae@champion", "alias")
     for key in ("psnr", "fg_accuracy", "kl", "active_dims"):
         assert from_run[key] == pytest.approx(from_file[key], rel=1e-6), key

@@ -84,12 +84,12 @@ def test_mlflow_run_train_logs_into_the_run_mlflow_created(tmp_path: Path, monke
     assert run.data.tags["game"] == "Breakout"
     train_fields = {f.name for f in dataclasses.fields(mlproject.ENTRY_POINTS["train"])}
     assert set(run.data.params) >= train_fields - {"resume"}
-    for key in ("train_loss", "val_loss", "val_psnr", "val_accuracy"):
+    for key in ("train/loss", "val/loss", "val/psnr", "val/accuracy"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"training_curves.png", "final_reconstructions.png"} <= artifacts
     assert (out / "checkpoint_epoch_2.pt").is_file()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    logged = registry.load_model(f"runs:/{run.info.run_id}/model")
+    logged = registry.load_model(f"runs:/{run.info.run_id}/breakout")
     best = torch.load(out / "best_model.pt", weights_only=True)
     assert all(torch.equal(v, best[k]) for k, v in logged.state_dict().items())

@@ -53,7 +53,7 @@ def test_register_of_a_model_below_the_floor_exits_0_and_says_no_champion_in_one
 
 def test_register_of_a_logged_run_model_registers_that_run(tmp_path: Path) -> None:
     uri, run_id = log_model(background_model(), "trained")
-    code, lines = run_register("--model_path", f"runs:/{run_id}/model", "--model_name", "bg")
+    code, lines = run_register("--model_path", f"runs:/{run_id}/breakout", "--model_name", "bg")
     assert code == 0, lines
     assert mlflow.MlflowClient().get_model_version("bg", "1").run_id == run_id
 

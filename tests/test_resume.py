@@ -95,7 +95,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights_and_the_same_mlflo
         [run_id, (tmp_path / "reference" / RUN_ID_FILE).read_text().strip()])
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    steps = [m.step for m in client.get_metric_history(run_id, "val/loss")]
     assert {3, 4} <= set(steps) and len(steps) == len(set(steps))
     ckpt = torch.load(out / "checkpoint_epoch_4.pt", weights_only=True)
     assert [h["epoch"] for h in ckpt["history"]] == [1, 2, 3, 4]

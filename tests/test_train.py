@@ -32,8 +32,8 @@ from atari_vae.tune import foreground_fraction
 from tests.conftest import REPO, tiny_train_flags
 
 EPOCHS, CHECKPOINT_FREQ = 3, 2
-EPOCH_METRICS = ("train_loss", "val_loss", "train_recon", "val_recon", "train_kl", "val_kl",
-                 "val_psnr", "val_accuracy")
+EPOCH_METRICS = ("train/loss", "val/loss", "train/recon", "val/recon", "train/kl", "val/kl",
+                 "val/psnr", "val/accuracy")
 
 
 @dataclass
@@ -132,9 +132,9 @@ def test_mlflow_run_has_one_value_per_epoch_for_each_loss_and_quality_metric(tra
         history = client.get_metric_history(trained.run.info.run_id, key)
         assert [m.step for m in history] == list(range(1, EPOCHS + 1)), key
     final = trained.run.data.metrics
-    assert {"psnr", "accuracy", "baseline_psnr", "fg_accuracy", "baseline_fg_accuracy"} <= set(
-        final)
-    assert 0.0 <= final["accuracy"] <= 1.0 and final["psnr"] > 10
+    assert {"val_best/psnr", "val_best/accuracy", "val_best/baseline_psnr",
+            "val_best/fg_accuracy", "val_best/baseline_fg_accuracy"} <= set(final)
+    assert 0.0 <= final["val_best/accuracy"] <= 1.0 and final["val_best/psnr"] > 10
 
 
 def test_mlflow_run_is_tagged_with_game_version_and_commit(trained):
@@ -155,7 +155,7 @@ def test_mlflow_run_holds_the_images_and_a_model_equal_to_best_model(trained, mo
     assert per_checkpoint == {"reconstructions/reconstructions_epoch_2.png",
                               "reconstructions/reconstructions_epoch_3.png"}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.uri)
-    logged = registry.load_model(f"runs:/{run_id}/model")
+    logged = registry.load_model(f"runs:/{run_id}/breakout")
     best = torch.load(trained.out / "best_model.pt", weights_only=True)
     assert all(torch.equal(v, best[k]) for k, v in logged.state_dict().items())
 

@@ -72,13 +72,13 @@ def test_tiny_study_logs_nested_trials_fails_a_diverging_one_and_registers_a_loa
         assert run.info.run_id == t.user_attrs["mlflow_run_id"]
         assert float(run.data.params["kl_weight"]) == pytest.approx(t.params["kl_weight"])
         assert int(run.data.params["latent_dim"]) == t.params["latent_dim"]
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2]
     parent = client.get_run(result.run_id)
     assert int(parent.data.params["best_latent_dim"]) == best.params["latent_dim"]
     # every param the parent logs is one the job used: no kl_weight, latent_dim or resume
     assert set(parent.data.params) == {f.name for f in fields_of(TuneConfig)} | {
         "best_kl_weight", "best_latent_dim"}
-    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.metrics["study/best_value"] == pytest.approx(best.value)
     plots = {a.path for a in client.list_artifacts(result.run_id, "study_plots")}
     assert {"study_plots/optimization_history.png", "study_plots/param_importances.png"} <= plots
 
@@ -98,14 +98,14 @@ def test_tiny_study_logs_nested_trials_fails_a_diverging_one_and_registers_a_loa
 
 
 def assert_stored_without_pickle(uri: str) -> None:
-    """No pickle files, and a models-from-code pyfunc rather than a cloudpickled python_model."""
+    """No pickle files and no stored code: the pyfunc loads through the installed package."""
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
-    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))], files
-    assert {"artifacts/vae/model.safetensors", "artifacts/vae/config.json"} <= set(files)
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".py"))], files
+    assert {"data/vae/model.safetensors", "data/vae/config.json"} <= set(files)
     pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-    assert "python_model" not in pyfunc
-    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert "python_model" not in pyfunc and not pyfunc.get("code")
+    assert pyfunc["loader_module"] == "atari_vae.pyfunc_model"
 
 
 def assert_fresh_process_encodes_raw_observation(name: str, version: str, latent_dim: int,
