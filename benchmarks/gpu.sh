@@ -13,12 +13,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT_DIR=${GPU_CHECK_DIR:-outputs/gpu-check}
+OUT_DIR=$(realpath -m "${GPU_CHECK_DIR:-outputs/gpu-check}")
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 export MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/$OUT_DIR/mlflow.db}
-export ATARI_VAE_CACHE_DIR=${ATARI_VAE_CACHE_DIR:-$PWD/$OUT_DIR/frame-cache}
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$OUT_DIR/mlflow.db}
+export ATARI_VAE_CACHE_DIR=${ATARI_VAE_CACHE_DIR:-$OUT_DIR/frame-cache}
 mkdir -p "$OUT_DIR"
 
 if [ "$DEVICE" != cpu ]; then
