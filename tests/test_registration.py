@@ -82,3 +82,12 @@ def test_register_runs_under_mlflow_run_in_the_run_mlflow_created(
     code, lines = run_register("--model_path", str(path), "--model_name", "bg")
     assert code == 0, lines
     assert client.get_model_version("bg", "1").run_id == created.info.run_id
+
+
+def test_register_options_are_the_register_config_fields_with_their_defaults() -> None:
+    from atari_vae.config import RegisterConfig, fields_of
+
+    options = {p.name: p for p in main.commands["register"].params}
+    assert set(options) == {f.name for f in fields_of(RegisterConfig)}
+    for f in fields_of(RegisterConfig):
+        assert options[f.name].default == f.default, f.name
