@@ -26,9 +26,9 @@ from atari_vae.jobs import RUN_ID_FILE
 from atari_vae.losses import foreground_mask
 from atari_vae.metrics import game_references, psnr_from_mse, reference_frames
 from atari_vae.model import VAE
+from atari_vae.objective import foreground_fraction
 from atari_vae.rundir import LOCK_FILE, RUN_TOKEN_FILE
 from atari_vae.train import fit, lr_factor
-from atari_vae.tune import foreground_fraction
 from tests.conftest import REPO, tiny_train_flags
 
 EPOCHS, CHECKPOINT_FREQ = 3, 2
@@ -235,12 +235,11 @@ def test_a_multi_game_run_weighs_and_scores_each_frame_against_its_own_games_ref
     result = fit(cfg, train_set, val_set)
 
     val_frames = to_float(val_set.frames_uint8[:])
-    means, backgrounds = game_references(train_set.frames_uint8, train_set.game_ids,
-                                         len(train_set.games))
+    refs = game_references(train_set.frames_uint8, train_set.game_ids, len(train_set.games))
+    means, backgrounds = refs
     own_fraction = foreground_mask(val_frames, backgrounds[val_set.game_ids]).float().mean()
     assert result.val_metrics["fg_fraction"] == pytest.approx(own_fraction.item(), rel=1e-6)
-    assert foreground_fraction(train_set, val_set) == pytest.approx(own_fraction.item(),
-                                                                    rel=1e-6)
+    assert foreground_fraction(refs, val_set) == pytest.approx(own_fraction.item(), rel=1e-6)
     # One median over both games would call most of one game's backdrop foreground.
     mixed_mean, mixed_background = reference_frames(train_set.frames_uint8)
     assert foreground_mask(val_frames, mixed_background).float().mean() > 2 * own_fraction
