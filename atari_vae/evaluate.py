@@ -188,8 +188,9 @@ def format_table(results: dict[str, dict[str, float]], header: str) -> str:
               "of that separate set) by > 0.1 in any channel.",
               "accuracy: share of values within 0.1 of the original; PSNR = 10 log10(1 / MSE) "
               "over values in [0, 1].",
-              "object recall: of the small foreground objects (8-connected, <= 4 pixels: balls, "
-              "bullets), the share the reconstruction shows within one pixel.",
+              "object recall: of the small moving objects (8-connected foreground, <= 4 pixels, "
+              "where the mean frame shows background: balls, bullets), the share the "
+              "reconstruction shows within one pixel.",
               "A model has learned the game only where it beats base, above all on the "
               "foreground columns.", ""]
     return "\n".join(lines)

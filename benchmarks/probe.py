@@ -1,12 +1,14 @@
 """State-probe figures of issue 13: what survives preprocessing, and a table of probe results.
 
     python benchmarks/probe.py survival --game Breakout --frames 20000
+    python benchmarks/probe.py baselines --game Pong --frames 20000
     python benchmarks/probe.py table outputs/probe/*/eval
 
 ``survival``: labelled fresh frames (evaluate's probe seed), scored for how often the ball (or
 shot) shows as a small foreground object at 64x64 (the object metric's definition, against the
 median background of the frames) and how well its RAM coordinates follow that object's
 centroid (R^2 of a line fitted on the frames with exactly one small object).
+``baselines``: the probe's random-init encoder (32 latents) and majority class, no model needed.
 ``table``: one markdown row per evaluate output folder with a ``state_probe.json``.
 """
 
@@ -23,6 +25,16 @@ import torch
 from atari_vae.envs import resolve_game, to_float
 from atari_vae.evaluate import PROBE_SEED_OFFSET
 from atari_vae.metrics import SMALL_OBJECT_MAX_PIXELS, reference_frames, small_object_labels
+from atari_vae.model import VAE
+from atari_vae.probe import (
+    ProbeSettings,
+    drop_seen,
+    encoder_means,
+    format_probe_table,
+    probe_sources,
+    random_init_like,
+    split_episodes,
+)
 from atari_vae.state_labels import load_or_collect_labelled, variables
 
 BALLS = {"breakout": ("ball_x", "ball_y"), "pong": ("ball_x", "ball_y"),
@@ -69,6 +81,21 @@ def survival(args: argparse.Namespace) -> None:
               f"{'column' if axis else 'row'}: {_r2(position, ram):.3f} ({len(one)} frames)")
 
 
+def baselines(args: argparse.Namespace) -> None:
+    """The probe's reference rows for a game without a trained model: random init, majority."""
+    game = resolve_game(args.game)
+    seed = 10_000 + PROBE_SEED_OFFSET  # evaluate's default probe episodes
+    labelled = load_or_collect_labelled(game, args.frames, 1000, seed)
+    names = variables(game)
+    train, val, test = split_episodes(labelled.episode_ids, seed)
+    test = drop_seen(test, train | val, labelled.frames_uint8)
+    encoder = random_init_like(VAE(latent_dim=args.latent_dim), seed)
+    features = {"random_init": encoder_means(encoder, labelled.frames_uint8)}
+    report = probe_sources(features, labelled.labels(names), list(names), (train, val, test),
+                           ProbeSettings(seed=seed))
+    print(format_probe_table({game.title: report}))
+
+
 def table(args: argparse.Namespace) -> None:
     print("| run | game | score model | random init | majority | ball_x F1 | ball_y F1 | "
           "player F1 | ball_x R2 | ball_y R2 | object recall (base) | fg acc | PSNR (base) |")
@@ -98,6 +125,11 @@ def main() -> None:
     p.add_argument("--game", default="Breakout")
     p.add_argument("--frames", type=int, default=20_000)
     p.set_defaults(run=survival)
+    p = sub.add_parser("baselines", help="random-init encoder and majority class only")
+    p.add_argument("--game", default="Pong")
+    p.add_argument("--frames", type=int, default=20_000)
+    p.add_argument("--latent_dim", type=int, default=32)
+    p.set_defaults(run=baselines)
     p = sub.add_parser("table", help="markdown table of evaluate folders")
     p.add_argument("folders", nargs="+")
     p.set_defaults(run=table)
