@@ -6,6 +6,7 @@
 # Each variant trains `atari-vae train --num_episodes 20 --epochs 15` (+ its flags) and is scored
 # by `atari-vae evaluate` (1000 scored frames, 20,000 probe frames, both from fresh episodes);
 # the table lists every run under outputs/probe. PYTHON and ATARI_VAE overridable.
+# Reference rows without a model: $PYTHON benchmarks/probe.py baselines --game Pong
 set -euo pipefail
 cd "$(dirname "$0")/.."
 games=${*:-Breakout}
