@@ -118,6 +118,9 @@ class EvaluateConfig:
     seed: int = flag(
         10_000, "Seed for the fresh episodes (the mean frame and background come from other "
         "episodes, seed + 100000); keep it apart from training seeds.")
+    probe_frames: int = flag(
+        20_000, "Frames of fresh labelled episodes (seed + 200000) for the AtariARI state probe "
+        "per annotated game, split by episode 70/10/20 into probe train/val/test; 0 = no probe.")
     device: str = flag("auto", "Compute device.", choices=DEVICE_CHOICES)
     output_dir: str = flag("outputs/vae_evaluation", "Where metrics and plots go.")
     experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
@@ -125,6 +128,7 @@ class EvaluateConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
         _positive(self, "num_samples", "max_steps")
+        _non_negative(self, "probe_frames")
         _choice(self, "device", DEVICE_CHOICES, prefix=True)
         _experiment_name(self)
 

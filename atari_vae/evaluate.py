@@ -2,11 +2,13 @@
 
 Per game: ``num_samples`` evenly spaced frames of new episodes (seed ``--seed``) are scored with
 ``metrics.score``, the code the end of training uses; the mean frame and the static background
-come from a separate set of fresh episodes (seed ``--seed`` + REFERENCE_SEED_OFFSET).
+come from a separate set of fresh episodes (seed ``--seed`` + REFERENCE_SEED_OFFSET). Games that
+AtariARI annotates also get the state probe (``probe.py``) on a third set of episodes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +27,9 @@ from atari_vae.jobs import RUN_ID_FILE, check_output_dir
 from atari_vae.losses import foreground_mask, kl_per_dim
 from atari_vae.metrics import reference_frames, score
 from atari_vae.model import VAE
+from atari_vae.probe import ProbeReport, format_probe_table, probe_metrics, probe_model
 from atari_vae.runtime import resolve_device
+from atari_vae.state_labels import is_annotated
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 256
@@ -35,6 +39,7 @@ MIN_EPISODES = 4
 # make a noisy score.
 SCORED_FRAMES_PER_EPISODE = 50
 REFERENCE_SEED_OFFSET = 100_000  # ALE seeds envs seed, seed+1, ...: keep the two sets apart
+PROBE_SEED_OFFSET = 200_000  # the state probe's labelled episodes: a third, disjoint set
 ACTIVE_VARIANCE = 0.01  # a latent dim is active when Var_x(E[z|x]) exceeds this (Burda 2016)
 N_PREVIEW = 8
 N_PRIOR_SAMPLES = 32
@@ -54,6 +59,7 @@ class GameResult:
     mu: torch.Tensor  # (N, latent_dim) posterior means
     fg_pixels: torch.Tensor  # (N,) foreground pixel count per frame
     background: torch.Tensor  # (1, 3, 64, 64)
+    probe: ProbeReport | None = None  # None: no probe asked, or a game AtariARI does not label
 
 
 def fresh_frames(game: Game, min_frames: int, max_steps: int, seed: int,
@@ -131,7 +137,17 @@ def evaluate_game(model: VAE, game: Game, cfg: EvaluateConfig) -> GameResult:
              "fg_accuracy %.3f (%.3f) on %d fresh frames", game.title, m["psnr"],
              m["baseline_psnr"], m["accuracy"], m["baseline_accuracy"], m["fg_psnr"],
              m["baseline_fg_psnr"], m["fg_accuracy"], m["baseline_fg_accuracy"], len(frames))
-    return GameResult(game.title, metrics, frames, mu, fg_pixels, background)
+    report = None
+    if cfg.probe_frames and is_annotated(game):
+        report = probe_model(model, game, cfg.probe_frames, cfg.max_steps,
+                             cfg.seed + PROBE_SEED_OFFSET)
+        metrics.update(probe_metrics(report))
+        log.info("%s: state probe score %.3f (random-init encoder %.3f, majority class %.3f)",
+                 game.title, report.score.get("model", math.nan),
+                 report.score.get("random_init", math.nan), report.score.get("majority", math.nan))
+    elif cfg.probe_frames:
+        log.info("%s: no state probe (AtariARI does not annotate this game)", game.title)
+    return GameResult(game.title, metrics, frames, mu, fg_pixels, background, report)
 
 
 def _cell(value: float, fmt: str) -> str:
@@ -158,16 +174,23 @@ def format_table(results: dict[str, dict[str, float]], header: str) -> str:
         lines.append(f"{game:<16}{int(m['n_frames']):>7}   {group(*cells[:4])}{gap}"
                      f"{group(*cells[4:])}   {100 * m['fg_fraction']:>6.2f} %")
     lines += ["", f"{'game':<16}{'PSNR per frame: median':>24}{'5th pct':>9}"
-                  f"{'KL nats/frame':>15}{'active dims':>13}"]
+                  f"{'KL nats/frame':>15}{'active dims':>13}"
+                  f"{'small objects/frame':>21}{'object recall (base)':>22}"]
     for game, m in results.items():
+        recall = (f"{_cell(m['object_recall'], '.3f')} "
+                  f"({_cell(m['baseline_object_recall'], '.3f')})")
         lines.append(f"{game:<16}{m['psnr_median']:>24.2f}{m['psnr_p05']:>9.2f}"
-                     f"{m['kl']:>15.2f}{int(m['active_dims']):>13}")
+                     f"{m['kl']:>15.2f}{int(m['active_dims']):>13}"
+                     f"{m['objects_per_frame']:>21.2f}{recall:>22}")
     lines += ["", "base: a model that ignores its input and always outputs the mean frame of a "
               "separate set of fresh frames.",
               "foreground: pixels differing from the game's static background (per-pixel median "
               "of that separate set) by > 0.1 in any channel.",
               "accuracy: share of values within 0.1 of the original; PSNR = 10 log10(1 / MSE) "
               "over values in [0, 1].",
+              "object recall: of the small moving objects (8-connected foreground, <= 4 pixels, "
+              "where the mean frame shows background: balls, bullets), the share the "
+              "reconstruction shows within one pixel.",
               "A model has learned the game only where it beats base, above all on the "
               "foreground columns.", ""]
     return "\n".join(lines)
@@ -259,6 +282,17 @@ def _traversal_figure(model: VAE, result: GameResult, frame: torch.Tensor, path:
     return plots.traversals(torch.stack(rows), TRAVERSAL_VALUES, dims, path)
 
 
+def _write_probe(results: list[GameResult], out: Path) -> list[Path]:
+    """state_probe.txt and state_probe.json (every variable, source and category), if probed."""
+    reports = {r.game: r.probe for r in results if r.probe is not None}
+    if not reports:
+        return []
+    atomic_write_text(out / "state_probe.txt", format_probe_table(reports))
+    doc = _json_safe({game: dataclasses.asdict(r) for game, r in reports.items()})
+    atomic_write_text(out / "state_probe.json", json.dumps(doc, indent=2) + "\n")
+    return [out / "state_probe.txt", out / "state_probe.json"]
+
+
 def _tags(cfg: EvaluateConfig, games: list[str], latent_dim: int) -> dict[str, str]:
     """Base tags plus what model was evaluated (and its training run, when known)."""
     tags = tracking.base_tags("evaluate", games)
@@ -298,6 +332,7 @@ def evaluate_job(cfg: EvaluateConfig) -> dict[str, Any]:
         atomic_write_text(out / "metrics.txt", format_table(per_game, header))
         atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2) + "\n")
         figures = write_figures(model, results, out, cfg.seed)
+        figures += _write_probe(results, out)
         tracking.log_metrics(mlflow_metrics(per_game))
         tracking.log_files([out / "metrics.txt", out / "metrics.json", *figures])
         log.info("wrote metrics.txt, metrics.json and %d figures to %s (MLflow run %s)",

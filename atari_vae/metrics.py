@@ -4,6 +4,10 @@ All images are (N, 3, 64, 64) float in [0, 1]. Definitions:
 - ``psnr`` = 10 * log10(1 / MSE) over every value; ``accuracy`` = share of values within 0.1.
 - foreground pixels differ from the static background (per-pixel median of separate frames)
   by more than 0.1 in any channel; ``fg_*`` are the same measures over those pixels only.
+- ``object_recall``: of the small moving objects in the target (8-connected foreground
+  components of at most SMALL_OBJECT_MAX_PIXELS pixels, where the mean frame shows background:
+  balls, bullets), the share the reconstruction shows at the right place, i.e. with a
+  foreground pixel of its own within one pixel of the object.
 - ``baseline_*``: the same measures for a "model" that always outputs the mean frame.
 """
 
@@ -13,6 +17,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from atari_vae.envs import to_float
@@ -20,8 +25,57 @@ from atari_vae.losses import foreground_mask
 from atari_vae.store import FrameRows
 
 ACCURACY_TOLERANCE = 0.1
+# A ball or bullet is 1-4 pixels at 64x64 (Breakout's 2x4 ball, Pong's 2x4 ball, Space
+# Invaders' 1x8 shots become 1x1 to 1x3); the paddle, invaders and digits are larger.
+SMALL_OBJECT_MAX_PIXELS = 4
+RARE_DEVIATION = 0.02  # mean frame vs background: a spot that is usually background
+# (0.05 let fragments of Breakout's score digit in, shown in a third of the frames)
 METRIC_KEYS = ("mse", "psnr", "accuracy", "fg_mse", "fg_psnr", "fg_accuracy",
-               "psnr_median", "psnr_p05")
+               "psnr_median", "psnr_p05", "object_recall")
+# Components never connect across frames: a 3x3 neighbourhood within each frame only.
+_PER_FRAME_3X3 = np.zeros((3, 3, 3), dtype=bool)
+_PER_FRAME_3X3[1] = True
+
+
+def small_object_labels(target: torch.Tensor, background: torch.Tensor,
+                        mean_frame: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N, H, W) of the target's 8-connected foreground components, per-label bool
+    "is a small moving object"); label 0 is the background.
+
+    Small: at most SMALL_OBJECT_MAX_PIXELS pixels. Moving: every pixel is usually background,
+    i.e. the mean frame there is within RARE_DEVIATION of the background; this leaves out the
+    gaps of knocked-out bricks and changed score digits, which stay in place for many frames.
+    """
+    from scipy import ndimage
+
+    target_fg = foreground_mask(target, background)[:, 0].cpu().numpy()
+    labels, count = ndimage.label(target_fg, structure=_PER_FRAME_3X3)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    is_object = sizes <= SMALL_OBJECT_MAX_PIXELS
+    if mean_frame is not None:
+        usual = foreground_mask(mean_frame.to(target.device).expand_as(target), background,
+                                RARE_DEVIATION)[:, 0].cpu().numpy()
+        is_object &= np.bincount(labels[usual], minlength=count + 1) == 0
+    is_object[0] = False
+    return labels, is_object
+
+
+def small_objects_found(recon: torch.Tensor, target: torch.Tensor, background: torch.Tensor,
+                        mean_frame: torch.Tensor | None = None) -> tuple[int, int]:
+    """(small moving objects in ``target``, how many of them ``recon`` shows within one pixel).
+
+    An object (``small_object_labels``) counts as shown when the reconstruction's own
+    foreground touches it or a pixel next to it (one pixel of displacement allowed).
+    """
+    from scipy import ndimage
+
+    labels, is_object = small_object_labels(target, background, mean_frame)
+    if not is_object.any():
+        return 0, 0
+    recon_fg = foreground_mask(recon.float(), background)[:, 0].cpu().numpy()
+    near_recon = ndimage.binary_dilation(recon_fg, structure=_PER_FRAME_3X3)
+    shown = np.unique(labels[near_recon & is_object[labels]])
+    return int(is_object.sum()), int(len(shown))
 
 
 def psnr_from_mse(mse: float) -> float:
@@ -36,9 +90,12 @@ class ReconstructionMetrics:
         self.sq_err = self.values = self.within = 0.0
         self.fg_sq_err = self.fg_values = self.fg_within = 0.0
         self.frame_psnrs: list[torch.Tensor] = []
+        self.frames = self.objects = self.objects_shown = 0
 
-    def update(self, recon: torch.Tensor, target: torch.Tensor, background: torch.Tensor) -> None:
-        """Add one batch of reconstructions and their targets."""
+    def update(self, recon: torch.Tensor, target: torch.Tensor, background: torch.Tensor,
+               mean_frame: torch.Tensor | None = None) -> None:
+        """Add one batch of reconstructions and their targets (``mean_frame``: see
+        ``small_object_labels``)."""
         sq = (recon.float() - target).pow(2)
         close = (sq <= ACCURACY_TOLERANCE**2).float()
         fg = foreground_mask(target, background).expand_as(sq).float()
@@ -50,9 +107,13 @@ class ReconstructionMetrics:
         self.fg_within += (close * fg).sum().item()
         frame_mse = sq.flatten(1).mean(1).clamp(min=1e-12)
         self.frame_psnrs.append(10.0 * torch.log10(1.0 / frame_mse))
+        objects, shown = small_objects_found(recon, target, background, mean_frame)
+        self.frames += len(target)
+        self.objects += objects
+        self.objects_shown += shown
 
     def compute(self) -> dict[str, float]:
-        """The metrics in METRIC_KEYS, plus the foreground share of pixels."""
+        """The metrics in METRIC_KEYS, the foreground share of pixels and small objects a frame."""
         mse = self.sq_err / self.values
         fg_mse = self.fg_sq_err / self.fg_values if self.fg_values else float("nan")
         psnrs = torch.cat(self.frame_psnrs)
@@ -66,6 +127,9 @@ class ReconstructionMetrics:
             "fg_fraction": self.fg_values / self.values,
             "psnr_median": psnrs.median().item(),
             "psnr_p05": torch.quantile(psnrs, 0.05).item(),
+            "object_recall": (self.objects_shown / self.objects if self.objects
+                              else float("nan")),
+            "objects_per_frame": self.objects / max(1, self.frames),
         }
 
 
@@ -134,15 +198,16 @@ class Scorer:
                background: torch.Tensor) -> None:
         """``mean_frame`` and ``background``: (1, 3, H, W), or one per frame (N, 3, H, W)
         when games are mixed."""
-        background = background.to(target.device)
-        self.model.update(recon, target, background)
-        self.baseline.update(mean_frame.to(target.device).expand_as(target), target, background)
+        background, mean_frame = background.to(target.device), mean_frame.to(target.device)
+        self.model.update(recon, target, background, mean_frame)
+        self.baseline.update(mean_frame.expand_as(target), target, background, mean_frame)
 
     def compute(self) -> dict[str, float]:
-        """The model's METRIC_KEYS and fg_fraction, and the baseline's as ``baseline_*``."""
+        """The model's METRIC_KEYS, fg_fraction and objects_per_frame, and the baseline's
+        METRIC_KEYS as ``baseline_*``."""
         results = self.model.compute()
         results.update({f"baseline_{k}": v for k, v in self.baseline.compute().items()
-                        if k != "fg_fraction"})
+                        if k in METRIC_KEYS})
         return results
 
 

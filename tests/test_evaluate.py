@@ -31,6 +31,7 @@ ISSUE_KEYS = ("mse", "psnr", "accuracy", "baseline_mse", "baseline_psnr", "basel
               "psnr_median", "psnr_p05")
 SAMPLES = 40
 TINY_EVAL = ["--num_samples", str(SAMPLES), "--max_steps", "60", "--device", "cpu"]
+NO_PROBE = ["--probe_frames", "0"]
 
 
 @dataclass
@@ -55,8 +56,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, frame_cache: Path) -> Trai
                    (root / "train" / RUN_ID_FILE).read_text().strip())
 
 
-def _evaluate(*args: str):
-    return CliRunner().invoke(cli.evaluate, [*args, *TINY_EVAL])
+def _evaluate(*args: str, probe: tuple[str, ...] = tuple(NO_PROBE)):
+    return CliRunner().invoke(cli.evaluate, [*args, *TINY_EVAL, *probe])
 
 
 def _runs(job: str = "evaluate") -> list:
@@ -101,7 +102,7 @@ def test_logged_and_registered_models_score_exactly_like_the_state_dict(
 
     def run(model_path: str, name: str) -> dict:
         return evaluate_job(EvaluateConfig(model_path=model_path, num_samples=SAMPLES,
-                                           max_steps=60, device="cpu",
+                                           max_steps=60, device="cpu", probe_frames=0,
                                            output_dir=str(tmp_path / name)))
 
     from_file = run(str(trained.model_path), "file")
@@ -172,3 +173,28 @@ def test_scored_frames_come_from_one_episode_per_fifty_frames_at_least():
     # rests on 2 episodes' knocked-out bricks would swing from seed to seed.
     frames = fresh_frames(resolve_game("Breakout"), 300, 1000, seed=321, progress=False)
     assert len(frames.episode_ids.unique()) >= 300 // SCORED_FRAMES_PER_EPISODE
+
+
+def test_evaluate_probes_the_game_state_and_logs_scores_and_the_variable_table(trained,
+                                                                               tmp_path):
+    out = tmp_path / "eval"
+    result = _evaluate("--model_path", str(trained.model_path), "--output_dir", str(out),
+                       probe=("--probe_frames", "500"))
+    assert result.exit_code == 0, result.output
+
+    doc = json.loads((out / "metrics.json").read_text())
+    for source in ("probe_score", "probe_score_random_init", "probe_score_majority"):
+        assert 0.0 <= doc[source] <= 1.0, source
+    assert "probe_f1_player_x" in doc and "probe_r2_player_x" in doc
+    probe = json.loads((out / "state_probe.json").read_text())["Breakout"]
+    assert probe["variables"][:3] == ["ball_x", "ball_y", "player_x"]
+    assert probe["score"]["model"] == pytest.approx(doc["probe_score"])
+    assert set(probe["f1"]) == {"model", "random_init", "majority"}
+    assert all(probe["entropy"][name] >= 0.6 for name in probe["variables"])
+    assert sum(probe["n_frames"].values()) <= 500 + 60  # split of whole episodes, test deduplicated
+    assert "game score" in (out / "state_probe.txt").read_text()
+    (run,) = _runs()
+    assert run.data.metrics["probe_score"] == pytest.approx(doc["probe_score"])
+    assert 0.0 <= run.data.metrics["object_recall"] <= 1.0
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"state_probe.txt", "state_probe.json"} <= artifacts

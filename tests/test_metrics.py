@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from atari_vae.metrics import game_references, psnr_from_mse, reference_frames, score
+from atari_vae.metrics import (
+    game_references,
+    psnr_from_mse,
+    reference_frames,
+    score,
+    small_objects_found,
+)
 
 SHAPE = (3, 64, 64)
 
@@ -97,7 +103,7 @@ def test_metrics_do_not_depend_on_how_frames_are_batched():
     split = _score(recon, frames, batch=2)
     assert 0 < whole["accuracy"] < 1
     for key, value in whole.items():
-        assert split[key] == pytest.approx(value, rel=1e-5), key
+        assert split[key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
 
 
 def test_per_frame_spread_reports_median_and_fifth_percentile():
@@ -132,3 +138,40 @@ def test_game_references_are_each_games_own_mean_and_median_in_game_order():
     assert torch.all(means[1] == 200 / 255)
     with pytest.raises(ValueError, match="no frames of game 2"):
         game_references(frames, game_ids, 3)
+
+
+def _shifted(dx: int) -> callable:
+    return lambda x: torch.roll(x, shifts=dx, dims=3)
+
+
+@pytest.mark.parametrize("recon, recall", [
+    (lambda x: x.clone(), 1.0),
+    (_shifted(1), 1.0),  # one pixel off still counts as shown at the right place
+    (_shifted(3), 0.0),
+    (lambda x: torch.zeros_like(x), 0.0),  # the background alone shows no object
+    (lambda x: 0.5 * x, 1.0),  # a faint but visible (> 0.1) ball counts
+    (lambda x: 0.05 * x, 0.0),  # one under the foreground threshold does not
+])
+def test_object_recall_counts_small_objects_shown_within_one_pixel(recon, recall):
+    frames = _frames_with_square(n=4, size=2)
+    black = torch.zeros(1, *SHAPE)  # as background and as mean frame: balls are rare anywhere
+    m = _score(recon, frames, mean_frame=black, background=black)
+    assert m["objects_per_frame"] == 1.0
+    assert m["object_recall"] == recall
+    assert m["baseline_object_recall"] == 0.0
+
+
+def test_only_small_components_where_the_scene_is_usually_background_are_objects():
+    frames = torch.zeros(2, *SHAPE)
+    frames[0, :, 10:15, 10:15] = 1.0  # 25 pixels: a paddle or invader, not a ball
+    frames[0, :, 40, 40] = 1.0  # one-pixel ball
+    frames[1, :, 41, 41] = 1.0  # next frame's ball, diagonal to the first: a separate object
+    frames[:, :, 2, 30:32] = 1.0  # a changed score digit: the mean frame shows it too
+    background = torch.zeros(1, *SHAPE)
+    mean_frame = torch.zeros(1, *SHAPE)
+    mean_frame[:, :, 2, 30:32] = 0.6
+    assert small_objects_found(frames, frames, background, mean_frame) == (2, 2)
+    assert small_objects_found(frames, frames, background)[0] == 4  # without: digits count
+    shown_in_first_only = frames.clone()
+    shown_in_first_only[1] = 0
+    assert small_objects_found(shown_in_first_only, frames, background, mean_frame) == (2, 1)

@@ -1,0 +1,141 @@
+"""State-probe figures of issue 13: what survives preprocessing, and a table of probe results.
+
+    python benchmarks/probe.py survival --game Breakout --frames 20000
+    python benchmarks/probe.py baselines --game Pong --frames 20000
+    python benchmarks/probe.py table outputs/probe/*/eval
+
+``survival``: labelled fresh frames (evaluate's probe seed), scored for how often the ball (or
+shot) shows as a small foreground object at 64x64 (the object metric's definition, against the
+median background of the frames) and how well its RAM coordinates follow that object's
+centroid (R^2 of a line fitted on the frames with exactly one small object).
+``baselines``: the probe's random-init encoder (32 latents) and majority class, no model needed.
+``table``: one markdown row per evaluate output folder with a ``state_probe.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atari_vae.envs import resolve_game, to_float
+from atari_vae.evaluate import PROBE_SEED_OFFSET
+from atari_vae.metrics import SMALL_OBJECT_MAX_PIXELS, reference_frames, small_object_labels
+from atari_vae.model import VAE
+from atari_vae.probe import (
+    ProbeSettings,
+    drop_seen,
+    encoder_means,
+    format_probe_table,
+    probe_sources,
+    random_init_like,
+    split_episodes,
+)
+from atari_vae.state_labels import load_or_collect_labelled, variables
+
+BALLS = {"breakout": ("ball_x", "ball_y"), "pong": ("ball_x", "ball_y"),
+         "space_invaders": ("missiles_y",)}
+
+
+def _small_object_centroids(frames_uint8: torch.Tensor, mean_frame: torch.Tensor,
+                            background: torch.Tensor) -> list[list[tuple[float, float]]]:
+    """Per frame: the (row, col) centroids of its small moving objects (the object metric's)."""
+    from scipy import ndimage
+
+    out = []
+    for start in range(0, len(frames_uint8), 512):
+        labels, is_object = small_object_labels(to_float(frames_uint8[start:start + 512]),
+                                                background, mean_frame)
+        for frame_labels in labels:
+            present = [k for k in np.unique(frame_labels) if is_object[k]]
+            out.append(ndimage.center_of_mass(frame_labels > 0, frame_labels, present)
+                       if present else [])
+    return out
+
+
+def _r2(x: np.ndarray, y: np.ndarray) -> float:
+    fit = np.polyval(np.polyfit(x, y, 1), x)
+    return float(1 - ((y - fit) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12))
+
+
+def survival(args: argparse.Namespace) -> None:
+    game = resolve_game(args.game)
+    labelled = load_or_collect_labelled(game, args.frames, 1000, 10_000 + PROBE_SEED_OFFSET)
+    centroids = _small_object_centroids(labelled.frames_uint8,
+                                        *reference_frames(labelled.frames_uint8))
+    counts = np.array([len(c) for c in centroids])
+    print(f"{game.title}: {len(counts)} frames; small objects (<= {SMALL_OBJECT_MAX_PIXELS} px) "
+          f"per frame: share with none {np.mean(counts == 0):.3f}, one {np.mean(counts == 1):.3f},"
+          f" more {np.mean(counts > 1):.3f}")
+    names = variables(game)
+    one = np.flatnonzero(counts == 1)
+    for name in BALLS.get(game.rom_id, ()):
+        ram = labelled.ram[one, names[name]].astype(float)
+        axis = 1 if name.endswith("_x") else 0
+        position = np.array([centroids[i][0][axis] for i in one])
+        print(f"  {name}: R^2 of RAM value vs the single small object's "
+              f"{'column' if axis else 'row'}: {_r2(position, ram):.3f} ({len(one)} frames)")
+
+
+def baselines(args: argparse.Namespace) -> None:
+    """The probe's reference rows for a game without a trained model: random init, majority."""
+    game = resolve_game(args.game)
+    seed = 10_000 + PROBE_SEED_OFFSET  # evaluate's default probe episodes
+    labelled = load_or_collect_labelled(game, args.frames, 1000, seed)
+    names = variables(game)
+    train, val, test = split_episodes(labelled.episode_ids, seed)
+    test = drop_seen(test, train | val, labelled.frames_uint8)
+    encoder = random_init_like(VAE(latent_dim=args.latent_dim), seed)
+    features = {"random_init": encoder_means(encoder, labelled.frames_uint8)}
+    report = probe_sources(features, labelled.labels(names), list(names), (train, val, test),
+                           ProbeSettings(seed=seed))
+    print(format_probe_table({game.title: report}))
+
+
+def table(args: argparse.Namespace) -> None:
+    print("| run | game | score model | random init | majority | ball_x F1 | ball_y F1 | "
+          "player F1 | ball_x R2 | ball_y R2 | object recall (base) | fg acc | PSNR (base) |")
+    print("|---|" + "---|" * 12)
+    for folder in map(Path, args.folders):
+        probes = json.loads((folder / "state_probe.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())["games"]
+        for game, r in probes.items():
+            m, f1, r2 = metrics[game], r["f1"].get("model", {}), r["r2"].get("model", {})
+            player = next((n for n in ("player_x", "player_y") if n in f1), None)
+
+            def cell(d: dict, k: str | None) -> str:
+                return "-" if k is None or d.get(k) is None else f"{d[k]:.3f}"
+
+            print(f"| {folder.parent.name} | {game} | {r['score']['model']:.3f} | "
+                  f"{r['score']['random_init']:.3f} | {r['score']['majority']:.3f} | "
+                  f"{cell(f1, 'ball_x')} | {cell(f1, 'ball_y')} | {cell(f1, player)} | "
+                  f"{cell(r2, 'ball_x')} | {cell(r2, 'ball_y')} | "
+                  f"{m['object_recall']:.3f} ({m['baseline_object_recall']:.3f}) | "
+                  f"{m['fg_accuracy']:.3f} | {m['psnr']:.2f} ({m['baseline_psnr']:.2f}) |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("survival", help="does the ball survive the 64x64 resize?")
+    p.add_argument("--game", default="Breakout")
+    p.add_argument("--frames", type=int, default=20_000)
+    p.set_defaults(run=survival)
+    p = sub.add_parser("baselines", help="random-init encoder and majority class only")
+    p.add_argument("--game", default="Pong")
+    p.add_argument("--frames", type=int, default=20_000)
+    p.add_argument("--latent_dim", type=int, default=32)
+    p.set_defaults(run=baselines)
+    p = sub.add_parser("table", help="markdown table of evaluate folders")
+    p.add_argument("folders", nargs="+")
+    p.set_defaults(run=table)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

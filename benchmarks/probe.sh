@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 13's figures: the state probe and the object metric at the modest budget, and what of
+# the ball survives the 64x64 preprocessing. Usage:
+#   bash benchmarks/probe.sh [games...]            # default: Breakout
+#   VARIANTS="ours freebits" bash benchmarks/probe.sh Breakout
+# Each variant trains `atari-vae train --num_episodes 20 --epochs 15` (+ its flags) and is scored
+# by `atari-vae evaluate` (1000 scored frames, 20,000 probe frames, both from fresh episodes);
+# the table lists every run under outputs/probe. PYTHON and ATARI_VAE overridable.
+# Reference rows without a model: $PYTHON benchmarks/probe.py baselines --game Pong
+set -euo pipefail
+cd "$(dirname "$0")/.."
+games=${*:-Breakout}
+py=${PYTHON:-.venv/bin/python}
+vae=${ATARI_VAE:-.venv/bin/atari-vae}
+export MLFLOW_DISABLE_TELEMETRY=true
+root=outputs/probe
+for game in $games; do
+  $py benchmarks/probe.py survival --game "$game" --frames 20000  # the probe's own frames
+  for variant in ${VARIANTS:-ours}; do
+    case "$variant" in
+      ours) extra="" ;;
+      freebits) extra="--free_bits 0.5" ;;
+      *) echo "variant must be ours or freebits" >&2; exit 2 ;;
+    esac
+    dir=$root/$game-$variant
+    $vae train --env_name "$game" --num_episodes 20 --epochs 15 $extra \
+      --output_dir "$dir/train" --checkpoint_freq 1000 --experiment_name atari-vae-probe
+    $vae evaluate --model_path "$dir/train/best_model.pt" --env_name "$game" \
+      --output_dir "$dir/eval" --experiment_name atari-vae-probe
+  done
+done
+$py benchmarks/probe.py table "$root"/*/eval
