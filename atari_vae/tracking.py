@@ -52,6 +52,8 @@ def metric_key(name: str, per_epoch: bool = False, of_model: bool = False) -> st
             if name.startswith(section + "_"):
                 return f"{section}/{name[len(section) + 1:]}"
         return EPOCH_KEYS.get(name, f"train/{name}")  # lr, epoch_seconds
+    if name.startswith("probe_"):  # evaluate's state probe: a section of its own
+        return f"probe/{name[len('probe_'):]}"
     return RUN_KEYS.get(name, f"final/{name}")
 
 

@@ -194,7 +194,8 @@ def test_evaluate_probes_the_game_state_and_logs_scores_and_the_variable_table(t
     assert sum(probe["n_frames"].values()) <= 500 + 60  # split of whole episodes, test deduplicated
     assert "game score" in (out / "state_probe.txt").read_text()
     (run,) = _runs()
-    assert run.data.metrics["probe_score"] == pytest.approx(doc["probe_score"])
-    assert 0.0 <= run.data.metrics["object_recall"] <= 1.0
+    assert run.data.metrics["probe/score"] == pytest.approx(doc["probe_score"])
+    assert run.data.metrics["probe/f1_ball_x"] == pytest.approx(doc["probe_f1_ball_x"])
+    assert 0.0 <= run.data.metrics["final/object_recall"] <= 1.0
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert {"state_probe.txt", "state_probe.json"} <= artifacts

@@ -15,6 +15,7 @@ from atari_vae import tracking
                                                    "val/balanced_psnr"),
     ("psnr", False, "final/psnr"), ("baseline_psnr", False, "final/baseline_psnr"),
     ("best_value", False, "study/best_value"), ("n_train_frames", False, "data/n_train_frames"),
+    ("probe_score", False, "probe/score"), ("probe_f1_ball_x", False, "probe/f1_ball_x"),
     ("Breakout/psnr", False, "Breakout/psnr")])
 def test_metric_names_are_grouped_into_ui_sections(name, per_epoch, shown):
     assert tracking.metric_key(name, per_epoch) == shown
