@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -16,6 +15,7 @@ from atari_vae import cli, config
 from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
 from atari_vae.data import cache_dir, cache_key
 from atari_vae.envs import resolve_game
+from atari_vae.store import FRAMES_FILE, INDEX_FILE, FrameStore
 from tests.conftest import REPO, tiny_train_flags
 
 COMMANDS = [("train", TrainConfig), ("evaluate", EvaluateConfig), ("tune", TuneConfig)]
@@ -214,18 +214,20 @@ def test_evaluate_refuses_an_empty_experiment_name_before_any_work(tmp_path):
     assert not _files_under(tmp_path)
 
 
-def test_an_empty_cached_frame_file_is_collected_again_instead_of_aborting_the_run(
+def test_an_empty_frame_store_is_collected_again_instead_of_aborting_the_run(
         tmp_path, monkeypatch, caplog):
-    # np.load of an empty file raises EOFError, which click would report as "Aborted!".
+    # Zero-byte files, as a full disk leaves them; an empty .npz once ended runs in "Aborted!".
     monkeypatch.setenv("ATARI_VAE_CACHE_DIR", str(tmp_path / "cache"))
     flags = tiny_train_flags(tmp_path / "out", epochs=1)
-    cached = cache_dir() / f"{cache_key(resolve_game('Breakout'), 3, 60, 42)}.npz"
     assert (flags["num_episodes"], flags["max_steps"]) == (3, 60)
-    cached.parent.mkdir()
-    cached.write_bytes(b"")
+    key = cache_key(resolve_game("Breakout"), 3, 60, 42)
+    store = cache_dir() / key
+    store.mkdir(parents=True)
+    for name in (INDEX_FILE, FRAMES_FILE):
+        (store / name).write_bytes(b"")
     result = CliRunner().invoke(cli.train, _train_args(tmp_path / "out", epochs=1))
     assert result.exit_code == 0, result.output
     assert "Aborted" not in result.output
-    assert any(r.getMessage().startswith(f"unreadable cache file {cached}")
+    assert any(r.getMessage().startswith(f"ignoring unreadable frame store {store}")
                for r in caplog.records)
-    assert np.load(cached)["frames"].shape[1:] == (3, 64, 64)
+    assert FrameStore.open(store, key).complete

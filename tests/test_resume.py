@@ -312,4 +312,4 @@ def test_a_larger_epochs_extends_the_run_at_the_final_rate_of_its_schedule(tmp_p
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and (out / RUN_ID_FILE).read_text().strip() == run_id
     assert run.data.params["epochs"] == "2" and run.data.tags["epochs_extended_to"] == "4"
-    assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [1, 2, 3, 4]
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "val/loss")] == [1, 2, 3, 4]

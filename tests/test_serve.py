@@ -19,7 +19,7 @@ import requests
 import torch
 import yaml
 
-from atari_vae import registry
+from atari_vae import registry, tracking
 from atari_vae.envs import FRAME_SHAPE
 from atari_vae.model import VAE
 from tests.conftest import REPO
@@ -161,15 +161,17 @@ def tamper(model_uri: str, marker: Path) -> None:
                  .removeprefix("file://"))
     (store / "code").mkdir()
     (store / "code" / "evil_loader.py").write_text(
-        f"from pathlib import Path\n\ndef _load_pyfunc(path, config=None):\n"
+        f"from pathlib import Path\n\nclass Model:\n    def predict(self, x, params=None):\n"
+        f"        return x\n\ndef _load_pyfunc(path, config=None):\n"
         f"    Path({str(marker)!r}).write_text('code from the artifact store ran')\n"
-        f"    return Path\n")
+        f"    return Model()\n")
     meta = yaml.safe_load((local / "MLmodel").read_text())
     meta["flavors"]["python_function"].update(loader_module="evil_loader", code="code")
     (store / "MLmodel").write_text(yaml.safe_dump(meta))
 
 
 def test_a_tampered_artifact_store_runs_no_code_on_the_serving_host(tmp_path):
+    tracking.configure("serve-test")  # this test's own store: no experiment id from an earlier one
     with mlflow.start_run():
         info = registry.log_vae_model(seeded_vae(), {"game": "Breakout"})
     version = mlflow.register_model(info.model_uri, "served-vae")
