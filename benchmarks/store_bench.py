@@ -175,6 +175,12 @@ def ab(games: list[str], episodes: int, steps: int, rounds: int) -> dict:
         for index in torch.arange(len(pick)).reshape(steps, BATCH):
             rows[index]
         result["gather_ms"][name] = round(1000 * (time.perf_counter() - started) / steps, 2)
+    copy = sources["ram"].sources[0]  # advanced indexing, as training indexed a tensor before
+    started = time.perf_counter()
+    for index in torch.arange(len(pick)).reshape(steps, BATCH):
+        copy[index]
+    result["gather_ms"]["ram, tensor[index]"] = round(
+        1000 * (time.perf_counter() - started) / steps, 2)
     for _ in range(rounds):
         for name, rows in sources.items():
             started = time.perf_counter()
