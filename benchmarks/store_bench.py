@@ -4,6 +4,7 @@ memory-mapped store against the same frames copied into RAM.
     python benchmarks/store_bench.py collect --games Breakout --episodes 20,200,1000
     python benchmarks/store_bench.py table --games Breakout --episodes 20,200,1000 --steps 200
     python benchmarks/store_bench.py train --games Breakout,Pong,SpaceInvaders --episodes 1000
+    python benchmarks/store_bench.py ab --episodes 1000 --steps 10 --rounds 3
 
 Frames go to $ATARI_VAE_CACHE_DIR (collected once, re-used). Every training figure comes from
 its own subprocess, so each peak is that mode's own. fp32, batch 128, one thread per core given.
@@ -141,6 +142,56 @@ def train(games: list[str], episodes: int, mode: str, steps: int) -> dict:
             "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
 
 
+def ab(games: list[str], episodes: int, steps: int, rounds: int) -> dict:
+    """Store against RAM in one process, alternately, at the same load: batch gather ms, and
+    images/s of ``steps`` training steps per round (the same rows, from the store's map or from
+    a copy of them in RAM)."""
+    from atari_vae import train as training
+    from atari_vae.config import TrainConfig
+    from atari_vae.data import load_games, split_by_episode
+    from atari_vae.envs import FRAME_SHAPE, resolve_game
+    from atari_vae.metrics import median_background
+    from atari_vae.model import VAE
+    from atari_vae.store import FrameRows
+
+    cfg = TrainConfig(batch_size=BATCH, precision="fp32")
+    frames = load_games([resolve_game(g) for g in games], episodes, MAX_STEPS, SEED, False)
+    train_set, _ = split_by_episode(frames, VAL_SPLIT, SEED)
+    pick = torch.randint(len(train_set), (steps * BATCH,),
+                         generator=torch.Generator().manual_seed(0))
+    sources = {"store": FrameRows.of(train_set.frames_uint8, pick),
+               "ram": FrameRows.of(train_set.frames_uint8[pick])}
+    background = median_background(sources["ram"])
+    game_ids = train_set.game_ids[pick]
+    torch.manual_seed(0)
+    model = VAE(FRAME_SHAPE, cfg.latent_dim)
+    model.init_output_bias(background)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    result = {"episodes": episodes, "steps": steps, "gather_ms": {}, "images_per_s": {},
+              "load": os.getloadavg()[0]}
+    for name, rows in sources.items():  # cold: the store's pages come from disk or page cache
+        started = time.perf_counter()
+        for index in torch.arange(len(pick)).reshape(steps, BATCH):
+            rows[index]
+        result["gather_ms"][name] = round(1000 * (time.perf_counter() - started) / steps, 2)
+    copy = sources["ram"].sources[0]  # advanced indexing, as training indexed a tensor before
+    started = time.perf_counter()
+    for index in torch.arange(len(pick)).reshape(steps, BATCH):
+        copy[index]
+    result["gather_ms"]["ram, tensor[index]"] = round(
+        1000 * (time.perf_counter() - started) / steps, 2)
+    for _ in range(rounds):
+        for name, rows in sources.items():
+            started = time.perf_counter()
+            training._train_epoch(model, opt, sched, rows, game_ids, background, cfg,
+                                  torch.Generator().manual_seed(1), torch.float32)
+            rate = steps * BATCH / (time.perf_counter() - started)
+            result["images_per_s"].setdefault(name, []).append(round(rate, 1))
+    result["load_after"] = os.getloadavg()[0]
+    return result
+
+
 def table(games: list[str], episode_counts: list[int], steps: int, modes: list[str]) -> list:
     """``train`` for every episode count and mode, each in a fresh interpreter."""
     rows = []
@@ -158,17 +209,20 @@ def table(games: list[str], episode_counts: list[int], steps: int, modes: list[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["collect", "train", "table"])
+    parser.add_argument("what", choices=["collect", "train", "table", "ab"])
     parser.add_argument("--games", default="Breakout")
     parser.add_argument("--episodes", default="20")
     parser.add_argument("--mode", default="store", choices=["store", "ram"])
     parser.add_argument("--modes", default="store,ram")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     games, counts = args.games.split(","), [int(n) for n in args.episodes.split(",")]
     if args.what == "collect":
         for episodes in counts:
             print(json.dumps(collect(games, episodes)), flush=True)
+    elif args.what == "ab":
+        print(json.dumps(ab(games, counts[0], args.steps, args.rounds)), flush=True)
     elif args.what == "train":
         print(json.dumps(train(games, counts[0], args.mode, args.steps)), flush=True)
     else:

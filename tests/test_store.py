@@ -129,6 +129,7 @@ def test_frame_rows_index_like_the_tensor_of_their_rows():
     picked = FrameRows.of(rows, mask)  # rows of rows: still no copy
     assert torch.equal(picked[:], whole[mask]) and len(picked) == int(mask.sum())
     assert torch.equal(picked[torch.tensor([4, 1])], whole[mask][torch.tensor([4, 1])])
+    assert torch.equal(picked[3], whole[mask][3]) and torch.equal(picked[-1], whole[mask][-1])
     assert rows.to("cpu") is rows
 
 
