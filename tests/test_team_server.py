@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 import requests
 
-from tests.conftest import REPO, tiny_train_flags
+from tests.conftest import GOOD_TRAINING, REPO, tiny_train_flags
 from tests.test_multiworker import DB, POSTGRES, finish, output, start, tune_command
 from tests.test_serve import free_port
 
@@ -151,7 +151,11 @@ def study_name() -> Iterator[str]:
 
 def test_two_tune_workers_register_a_champion_that_another_process_loads(
         on_server, tmp_path, study_name):
-    workers = [start(tune_command(tmp_path / "out", study_name, n_trials=1), tmp_path)
+    # Each trial trains the quick-test recipe, so the best one passes the quality floor.
+    recipe = {k: v for k, v in GOOD_TRAINING.items() if k != "latent_dim"}
+    workers = [start(tune_command(tmp_path / "out", study_name, n_trials=1, latent_dim_min=8,
+                                  latent_dim_max=8, kl_weight_min=0.05, kl_weight_max=0.2,
+                                  **recipe), tmp_path)
                for _ in range(2)]
     for worker in workers:
         finish(worker)
