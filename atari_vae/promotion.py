@@ -307,17 +307,36 @@ def settle_champion(name: str, eval_key: str, rounds: int = 10) -> str | None:
             tags = versions.get(holder, {})
             if holder and (DEMOTED_TAG in tags or (tags.get(EVAL_TAG) == eval_key
                                                    and tags.get(FLOOR_TAG) != PASSED)):
-                client.delete_registered_model_alias(name, CHAMPION)
-                return None
+                if _move_alias(client, name, None):
+                    return None
+                holder = champion_version(name, client)
+                continue
             return holder
         best = max(scored, key=lambda v: (scored[v], v == holder))  # ties keep the holder
         if best == holder:
             return holder
         log.debug("champion of %s: version %s scores %.3f, above version %s; moving the alias",
                   name, best, scored[best], holder)
-        client.set_registered_model_alias(name, CHAMPION, best)
+        _move_alias(client, name, best)
         holder = champion_version(name, client)
     return holder
+
+
+def _move_alias(client: Any, name: str, version: str | None) -> bool:
+    """Point ``champion`` at ``version`` (None: remove it); False when a rival writing at the same
+    moment won the store's race (on PostgreSQL a duplicate key), so the caller re-reads."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if version is None:
+            client.delete_registered_model_alias(name, CHAMPION)
+        else:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        return True
+    except MlflowException as exc:
+        log.info("moving the champion alias of %s raced another writer (%s); deciding again",
+                 name, str(exc).splitlines()[0][:200])
+        return False
 
 
 def _check_champion(client: Any, name: str, current: str, scorer: SelectionScorer) -> str | None:
