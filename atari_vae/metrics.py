@@ -61,15 +61,17 @@ def small_object_labels(target: torch.Tensor, background: torch.Tensor,
 
 
 def small_objects_found(recon: torch.Tensor, target: torch.Tensor, background: torch.Tensor,
-                        mean_frame: torch.Tensor | None = None) -> tuple[int, int]:
+                        mean_frame: torch.Tensor | None = None,
+                        objects: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[int, int]:
     """(small moving objects in ``target``, how many of them ``recon`` shows within one pixel).
 
     An object (``small_object_labels``) counts as shown when the reconstruction's own
-    foreground touches it or a pixel next to it (one pixel of displacement allowed).
+    foreground touches it or a pixel next to it (one pixel of displacement allowed);
+    ``objects``: the target's ``small_object_labels`` when already found.
     """
     from scipy import ndimage
 
-    labels, is_object = small_object_labels(target, background, mean_frame)
+    labels, is_object = objects or small_object_labels(target, background, mean_frame)
     if not is_object.any():
         return 0, 0
     recon_fg = foreground_mask(recon.float(), background)[:, 0].cpu().numpy()
@@ -93,9 +95,10 @@ class ReconstructionMetrics:
         self.frames = self.objects = self.objects_shown = 0
 
     def update(self, recon: torch.Tensor, target: torch.Tensor, background: torch.Tensor,
-               mean_frame: torch.Tensor | None = None) -> None:
-        """Add one batch of reconstructions and their targets (``mean_frame``: see
-        ``small_object_labels``)."""
+               mean_frame: torch.Tensor | None = None,
+               objects: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Add one batch of reconstructions and their targets (``mean_frame``, ``objects``: see
+        ``small_objects_found``)."""
         sq = (recon.float() - target).pow(2)
         close = (sq <= ACCURACY_TOLERANCE**2).float()
         fg = foreground_mask(target, background).expand_as(sq).float()
@@ -107,9 +110,9 @@ class ReconstructionMetrics:
         self.fg_within += (close * fg).sum().item()
         frame_mse = sq.flatten(1).mean(1).clamp(min=1e-12)
         self.frame_psnrs.append(10.0 * torch.log10(1.0 / frame_mse))
-        objects, shown = small_objects_found(recon, target, background, mean_frame)
+        found, shown = small_objects_found(recon, target, background, mean_frame, objects)
         self.frames += len(target)
-        self.objects += objects
+        self.objects += found
         self.objects_shown += shown
 
     def compute(self) -> dict[str, float]:
@@ -199,8 +202,10 @@ class Scorer:
         """``mean_frame`` and ``background``: (1, 3, H, W), or one per frame (N, 3, H, W)
         when games are mixed."""
         background, mean_frame = background.to(target.device), mean_frame.to(target.device)
-        self.model.update(recon, target, background, mean_frame)
-        self.baseline.update(mean_frame.expand_as(target), target, background, mean_frame)
+        objects = small_object_labels(target, background, mean_frame)  # one target, both sides
+        self.model.update(recon, target, background, mean_frame, objects)
+        self.baseline.update(mean_frame.expand_as(target), target, background, mean_frame,
+                             objects)
 
     def compute(self) -> dict[str, float]:
         """The model's METRIC_KEYS, fg_fraction and objects_per_frame, and the baseline's
