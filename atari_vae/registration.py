@@ -20,8 +20,8 @@ MODEL_DESCRIPTION = (
     "atari-vae encoders: 64x64 RGB Atari frames (atari_vae.preprocess) -> latent means. Alias "
     "'champion' marks the version that passes the quality floor and scores best on the "
     "selection frames (see each version's quality_floor, selection_score and "
-    "champion_decision tags). Planner: atari_vae.load_registered('{name}'); serving: mlflow "
-    "models serve -m models:/{name}@champion.")
+    "champion_decision tags). Planner: atari_vae.load_registered('{name}'); serving: "
+    "atari-vae serve --model_uri models:/{name}@champion.")
 
 
 def default_model_name(games: list[Game]) -> str:

@@ -7,7 +7,6 @@ Metric points and files go through ``outbox.py``, so a tracking server outage lo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -275,12 +274,16 @@ def _end(mlflow: Any, status: str) -> None:
 
 
 def log_config(cfg: Any) -> None:
-    """Log every config field as a param, skipping those ``mlflow run`` already logged."""
+    """Log every flag of a job config as a param (not the fields it hides, such as tune's
+    latent_dim), skipping those ``mlflow run`` already logged."""
     import mlflow
+
+    from atari_vae.config import fields_of
 
     run_id = mlflow.active_run().info.run_id
     existing = retrying("reading the run", lambda: mlflow.get_run(run_id).data.params)
-    log_params({k: v for k, v in dataclasses.asdict(cfg).items() if k not in existing})
+    log_params({f.name: getattr(cfg, f.name) for f in fields_of(type(cfg))
+                if f.name not in existing})
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None,

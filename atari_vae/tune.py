@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 
 from atari_vae import promotion, registration, registry, tracking
-from atari_vae.config import TuneConfig, fields_of
+from atari_vae.config import TuneConfig
 from atari_vae.data import load_games, split_by_episode
 from atari_vae.envs import Game, parse_games
 from atari_vae.errors import AtariVaeError
@@ -66,10 +66,7 @@ def tune_job(cfg: TuneConfig) -> TuneResult:
     tags = {**tracking.base_tags("tune", titles), "optuna_study": cfg.study_name,
             "optuna_storage": display_url(url), "registered_model": name}
     with tracking.tracked_run(f"tune-{cfg.study_name}", tags) as run:
-        # Only the flags the job uses (trials draw latent_dim and kl_weight), less those
-        # `mlflow run` already logged.
-        tracking.log_params({f.name: getattr(cfg, f.name) for f in fields_of(TuneConfig)
-                             if f.name not in run.data.params})
+        tracking.log_config(cfg)  # its flags only: trials draw latent_dim and kl_weight
         frames = load_games(games, cfg.num_episodes, cfg.max_steps, cfg.seed)
         train_set, val_set = split_by_episode(frames, cfg.val_split, cfg.seed)
         started = time.perf_counter()
