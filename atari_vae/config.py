@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from atari_vae.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DECODERS = ("deconv", "broadcast")
 MAX_EXPERIMENT_NAME_LENGTH = 500  # MLflow's limit (mlflow.utils.validation)
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 # The quality floor (README "The champion"): a version becomes champion only if, on the
@@ -60,6 +61,9 @@ class TrainConfig(DataConfig):
     """Train a VAE on 64x64 RGB Atari frames."""
 
     latent_dim: int = flag(32, "Size of the latent vector z.")
+    decoder: str = flag(
+        "deconv", "Decoder: deconv (four stride-2 deconvolutions from a 4x4 grid) or broadcast "
+        "(deconv plus a spatial broadcast path that places small objects).", choices=DECODERS)
     batch_size: int = flag(128, "Frames per optimisation step.")
     epochs: int = flag(100, "Passes over the training frames.")
     lr: float = flag(
@@ -74,6 +78,17 @@ class TrainConfig(DataConfig):
         30.0,
         "Loss weight of foreground pixels: where the frame or its reconstruction differs from "
         "the training set's per-pixel median background by > 0.1; 1 = plain sum of squares.")
+    obj_weight: float = flag(
+        0.0,
+        "Weight of the object term: around the frame's small moving objects (ball, shots), "
+        "how where the reconstruction leaves the background differs from where the frame "
+        "does, blurred at 1, 2 and 4 px, so a ball drawn a pixel off costs less than a ball "
+        "left out; 0 = off.")
+    loc_weight: float = flag(
+        0.0,
+        "Weight of the locator term: the model also predicts from z, as a categorical over "
+        "pixel positions, where the frame's small moving objects (ball, shots) are; 0 = off "
+        "(and no locator in the model).")
     free_bits: float = flag(
         0.0, "KL free bits: nats per latent dim below which KL is not penalised (0 = off).")
     device: str = flag("auto", "Compute device; auto picks cuda, then mps, then cpu.",
@@ -94,7 +109,7 @@ class TrainConfig(DataConfig):
         _validate_common(self)
         _positive(self, "latent_dim", "batch_size", "epochs", "checkpoint_freq")
         _positive(self, "lr", "fg_weight")
-        _non_negative(self, "kl_weight", "free_bits")
+        _non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight")
         if not 0.0 < self.val_split < 1.0:
             raise ConfigError(f"--val_split must be in (0, 1), got {self.val_split}")
         if self.num_episodes < 2:
@@ -102,6 +117,7 @@ class TrainConfig(DataConfig):
                 f"--num_episodes must be at least 2 (train and validation are split by "
                 f"episode), got {self.num_episodes}")
         _choice(self, "precision", PRECISION_CHOICES)
+        _choice(self, "decoder", DECODERS)
 
 
 @dataclass

@@ -8,19 +8,51 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from atari_vae.config import DECODERS
+
 ENCODER_CHANNELS = (32, 64, 128, 256)
+BROADCAST_CHANNELS = 64
+
+
+class BroadcastDecoder(nn.Module):
+    """z tiled over a quarter-resolution grid beside the grid's x, y coordinates, two 3x3 convs,
+    then two stride-2 deconvolutions to full-size logits (the spatial broadcast decoder of
+    Watters et al. 2019): where an object is becomes a smooth function of z."""
+
+    def __init__(self, latent_dim: int, out_channels: int, height: int, width: int):
+        super().__init__()
+        self.grid = (height // 4, width // 4)
+        c = BROADCAST_CHANNELS
+        self.net = nn.Sequential(
+            nn.Conv2d(latent_dim + 2, c, 3, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c, c, 3, padding=1), nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(c // 2, out_channels, 4, stride=2, padding=1))
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, self.grid[0]),
+                                torch.linspace(-1, 1, self.grid[1]), indexing="ij")
+        self.register_buffer("coords", torch.stack([xs, ys]).unsqueeze(0), persistent=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, latent_dim) -> (N, out_channels, H, W) logits."""
+        tiled = z[:, :, None, None].expand(-1, -1, *self.grid)
+        coords = self.coords.to(z.dtype).expand(len(z), -1, -1, -1)
+        return self.net(torch.cat([tiled, coords], dim=1))
 
 
 class VAE(nn.Module):
     """Conv VAE for (3, 64, 64) frames in [0, 1]; four stride-2 stages down to 4x4 and back up."""
 
-    def __init__(self, input_shape: tuple[int, int, int] = (3, 64, 64), latent_dim: int = 32):
+    def __init__(self, input_shape: tuple[int, int, int] = (3, 64, 64), latent_dim: int = 32,
+                 decoder: str = "deconv", locator: bool = False):
         super().__init__()
         channels, height, width = input_shape
         if height % 16 or width % 16:
             raise ValueError(f"input height and width must be multiples of 16, got {input_shape}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
+        self.decoder_kind = decoder
         self._grid = (ENCODER_CHANNELS[-1], height // 16, width // 16)
         flat = ENCODER_CHANNELS[-1] * (height // 16) * (width // 16)
 
@@ -39,6 +71,15 @@ class VAE(nn.Module):
                        nn.LeakyReLU(0.2)]
             in_ch = out_ch
         self.decoder = nn.Sequential(*layers[:-1])  # logits; sigmoid applied in decode()
+        # "broadcast" adds a second path whose logits are summed with the first: the deconv
+        # path keeps drawing bricks and digits, the broadcast path has an easy way to place
+        # small moving objects.
+        self.broadcast = (BroadcastDecoder(latent_dim, channels, height, width)
+                          if decoder == "broadcast" else None)
+        # p(where | mu): a categorical over pixel positions of the frame's small moving objects
+        # (ball, shots), linear in the posterior mean, so the mean must say where they are in
+        # a form a line can read.
+        self.locator = nn.Linear(latent_dim, height * width) if locator else None
         # A per-pixel output bias, independent of the input: set to the training background's
         # logits before training, so the decoder spends z on moving objects, not the backdrop.
         self.output_bias = nn.Parameter(torch.zeros(input_shape))
@@ -51,7 +92,16 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(N, latent_dim) -> (N, 3, 64, 64) reconstruction in [0, 1]."""
         h = self.from_z(z).view(-1, *self._grid)
-        return torch.sigmoid(self.decoder(nn.functional.leaky_relu(h, 0.2)) + self.output_bias)
+        logits = self.decoder(nn.functional.leaky_relu(h, 0.2)) + self.output_bias
+        if self.broadcast is not None:
+            logits = logits + self.broadcast(z)
+        return torch.sigmoid(logits)
+
+    def locate(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, latent_dim) -> (N, H*W) logits of where the small moving objects are."""
+        if self.locator is None:
+            raise ValueError("this VAE was built without a locator (locator=True adds one)")
+        return self.locator(z)
 
     @torch.no_grad()
     def init_output_bias(self, background: torch.Tensor) -> None:
@@ -80,3 +130,15 @@ class VAE(nn.Module):
 def latent_dim_of(state_dict: dict[str, torch.Tensor]) -> int:
     """The latent size a VAE state_dict was trained with."""
     return int(state_dict["to_mu.weight"].shape[0])
+
+
+def decoder_of(state_dict: dict[str, torch.Tensor]) -> str:
+    """The ``decoder`` a VAE state_dict was trained with (one of DECODERS)."""
+    return "broadcast" if any(k.startswith("broadcast.") for k in state_dict) else "deconv"
+
+
+def vae_for(state_dict: dict[str, torch.Tensor],
+            input_shape: tuple[int, int, int] = (3, 64, 64)) -> VAE:
+    """A freshly built VAE of the shape ``state_dict`` was trained with (weights not loaded)."""
+    return VAE(input_shape, latent_dim_of(state_dict), decoder_of(state_dict),
+               locator="locator.weight" in state_dict)

@@ -22,7 +22,7 @@ import torch
 from atari_vae.envs import FRAME_SHAPE
 from atari_vae.errors import AtariVaeError
 from atari_vae.files import atomic_path, atomic_write_text, load_error_reason
-from atari_vae.model import VAE, latent_dim_of
+from atari_vae.model import VAE, vae_for
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -40,7 +40,9 @@ def save_vae_dir(model: VAE, directory: Path, metadata: dict[str, Any] | None = 
     with atomic_path(directory / "model.safetensors") as tmp:
         tmp.write_bytes(save(state))  # save_file would recreate the file 0600
     config = {"format_version": FORMAT_VERSION, "input_shape": list(model.input_shape),
-              "latent_dim": model.latent_dim, "preprocessing": PREPROCESSING,
+              "latent_dim": model.latent_dim, "decoder": model.decoder_kind,
+              "locator": model.locator is not None,
+              "preprocessing": PREPROCESSING,
               **(metadata or {})}
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2))
     return directory
@@ -56,7 +58,8 @@ def load_vae_dir(directory: str | Path, device: str | torch.device = "cpu") -> V
         state = load_file(str(directory / "model.safetensors"), device=str(device))
     except (OSError, ValueError) as exc:
         raise AtariVaeError(f"{directory} is not a saved atari-vae model: {exc}") from exc
-    model = VAE(tuple(config["input_shape"]), config["latent_dim"])
+    model = VAE(tuple(config["input_shape"]), config["latent_dim"],
+                config.get("decoder", "deconv"), config.get("locator", False))
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -121,7 +124,7 @@ def load_state_file(path: Path, device: str | torch.device = "cpu") -> VAE:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state["model"] if isinstance(state, dict) and "model" in state else state
-        model = VAE(FRAME_SHAPE, latent_dim_of(state))
+        model = vae_for(state, FRAME_SHAPE)
         model.load_state_dict(state)
     except Exception as exc:  # truncated, foreign, or not a VAE state_dict
         reason = load_error_reason(exc)[:200]

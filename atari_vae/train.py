@@ -22,13 +22,19 @@ from atari_vae.data import FrameSet, balanced_order
 from atari_vae.envs import FRAME_SHAPE, parse_games, to_float
 from atari_vae.errors import AtariVaeError, NonFiniteLossError
 from atari_vae.files import atomic_path, load_error_reason, remove_partial_files
-from atari_vae.losses import pixel_weights, vae_loss
+from atari_vae.losses import (
+    LossTerms,
+    locator_error,
+    object_error,
+    pixel_weights,
+    usually_empty,
+    vae_loss,
+)
 from atari_vae.metrics import (
     GameReferences,
     Scorer,
     game_references,
     median_background,
-    per_frame,
     score,
 )
 from atari_vae.model import VAE
@@ -90,7 +96,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
                            len(train_set.games)).to(device)
     background = (refs.backgrounds if len(train_set.games) == 1
                   else median_background(train_set.frames_uint8).to(device))
-    model = VAE(FRAME_SHAPE, cfg.latent_dim).to(device)
+    model = _build(cfg).to(device)
     model.init_output_bias(background)
     # One fused kernel instead of ~10 ops per parameter: +2-4 % images/s on CPU (measured).
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
@@ -114,7 +120,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
     for epoch in bar:
         started = time.perf_counter()
         train_stats = _train_epoch(model, optimizer, scheduler, frames, train_set.game_ids,
-                                   refs.backgrounds, cfg, order_rng, dtype)
+                                   refs, cfg, order_rng, dtype)
         val_stats = _validate(model, val, refs, cfg, dtype)
         stats = {"epoch": epoch, **train_stats, **val_stats,
                  "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started}
@@ -181,7 +187,32 @@ def _batches(val: ValFrames, refs: GameReferences, batch_size: int):
         yield to_float(val.frames_uint8[rows]), *refs.of(val.game_ids[rows])
 
 
-def _train_epoch(model, optimizer, scheduler, frames, game_ids, backgrounds, cfg, order_rng,
+def _build(cfg: TrainConfig) -> VAE:
+    return VAE(FRAME_SHAPE, cfg.latent_dim, cfg.decoder, locator=cfg.loc_weight > 0)
+
+
+def _loss_terms(model, x, mean_frame, background, cfg,
+                dtype) -> tuple[LossTerms, torch.Tensor]:
+    """(the training objective (``losses`` docstring) for frames of these references, x_hat);
+    z is sampled in training mode and the posterior mean in eval mode. The locator reads the
+    posterior mean, what a planner reads: from a sampled z it stayed at chance (see README)."""
+    with autocast(x.device, dtype):
+        mu, logvar = model.encode(x)
+        z = model.reparameterize(mu, logvar)
+        x_hat = model.decode(z)
+        where_logits = model.locate(mu) if cfg.loc_weight else None
+    weights = pixel_weights(x, background, cfg.fg_weight, x_hat)
+    extra = 0.0
+    if cfg.obj_weight or cfg.loc_weight:
+        region = usually_empty(mean_frame, background)
+    if cfg.obj_weight:
+        extra = extra + cfg.obj_weight * object_error(x_hat, x, background, region)
+    if cfg.loc_weight:
+        extra = extra + cfg.loc_weight * locator_error(where_logits, x, background, region)
+    return vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits, extra), x_hat
+
+
+def _train_epoch(model, optimizer, scheduler, frames, game_ids, refs, cfg, order_rng,
                  dtype) -> dict[str, float]:
     model.train()
     order = balanced_order(game_ids, order_rng).to(frames.device)
@@ -190,11 +221,7 @@ def _train_epoch(model, optimizer, scheduler, frames, game_ids, backgrounds, cfg
     for start in range(0, len(order), cfg.batch_size):
         index = order[start:start + cfg.batch_size]
         x = to_float(frames[index])
-        with autocast(frames.device, dtype):
-            x_hat, mu, logvar = model(x)
-        weights = pixel_weights(x, per_frame(backgrounds, game_ids[index]), cfg.fg_weight,
-                                x_hat)
-        terms = vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits)
+        terms, _ = _loss_terms(model, x, *refs.of(game_ids[index]), cfg, dtype)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
@@ -212,10 +239,7 @@ def _validate(model, val: ValFrames, refs: GameReferences, cfg, dtype) -> dict[s
     sums = torch.zeros(3, device=val.frames_uint8.device)
     scorer = Scorer()
     for x, mean_frame, background in _batches(val, refs, EVAL_BATCH):
-        with autocast(x.device, dtype):
-            x_hat, mu, logvar = model(x)
-        weights = pixel_weights(x, background, cfg.fg_weight, x_hat)
-        terms = vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits)
+        terms, x_hat = _loss_terms(model, x, mean_frame, background, cfg, dtype)
         sums += torch.stack(list(terms)) * len(x)
         scorer.update(x_hat.float(), x, mean_frame, background)
     metrics = scorer.compute()
@@ -291,7 +315,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 # Flags a resumed run must share with the checkpoint: they fix the frames, split, model, loss
 # and optimiser. --precision is compared as resolved (bf16 or fp32); --epochs may grow.
 RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split", "latent_dim",
-                     "batch_size", "lr", "kl_weight", "fg_weight", "free_bits")
+                     "batch_size", "lr", "kl_weight", "fg_weight", "obj_weight", "loc_weight",
+                     "free_bits", "decoder")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
@@ -313,8 +338,10 @@ def _resume_mismatch(ckpt: dict[str, Any], cfg: TrainConfig, run_token: str) -> 
                 "give another --output_dir for a new run")
     saved = ckpt["config"]
     for name in RESUME_MUST_MATCH:  # load_state_dict's own message is many lines long
-        if not _same_flag(name, saved[name], getattr(cfg, name)):
-            return (f"it was trained with --{name} {saved[name]}, not {getattr(cfg, name)}; "
+        # A flag newer than the checkpoint was at its default then.
+        saved_value = saved.get(name, getattr(TrainConfig, name))
+        if not _same_flag(name, saved_value, getattr(cfg, name)):
+            return (f"it was trained with --{name} {saved_value}, not {getattr(cfg, name)}; "
                     f"resume with the run's original flags")
     if cfg.epochs < saved["epochs"]:
         return (f"it was trained with --epochs {saved['epochs']}, not {cfg.epochs}; --epochs "
@@ -374,7 +401,7 @@ def _finish(out, model, state, cfg, val, refs, device) -> TrainResult:
                                           out / "final_reconstructions.png",
                                           "validation frames, final model"),
     }
-    best = VAE(FRAME_SHAPE, cfg.latent_dim).to(device)
+    best = _build(cfg).to(device)
     best.load_state_dict(torch.load(out / "best_model.pt", map_location=device,
                                     weights_only=True))
     best.eval()

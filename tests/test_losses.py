@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from atari_vae.losses import foreground_mask, kl_per_dim, pixel_weights, vae_loss
+from atari_vae.losses import (
+    OBJECT_SCALES_PX,
+    foreground_mask,
+    kl_per_dim,
+    locator_error,
+    object_error,
+    pixel_weights,
+    usually_empty,
+    vae_loss,
+)
 
 PIXELS = 3 * 64 * 64
 
@@ -115,3 +124,74 @@ def test_objects_painted_by_the_reconstruction_are_weighted_like_real_ones():
     weights = pixel_weights(x, background, 30.0, x_hat)
     assert weights[0, 0, 7, 9] == 30.0 and weights.sum().item() == 64 * 64 - 1 + 30
     assert pixel_weights(x, background, 30.0).eq(1.0).all()
+
+
+def _one_dot(row: int, col: int, value: float = 0.6) -> torch.Tensor:
+    """A black (1, 3, 64, 64) frame with a one-pixel 'ball' at (row, col)."""
+    frame = torch.zeros(1, 3, 64, 64)
+    frame[0, :, row, col] = value
+    return frame
+
+
+def test_object_error_charges_a_near_miss_less_than_a_missing_ball():
+    background = torch.zeros(1, 3, 64, 64)
+    region = usually_empty(background, background)
+    target = _one_dot(30, 30)
+    near_miss, missing = _one_dot(30, 31), background.clone()
+    assert (object_error(near_miss, target, background, region)
+            < 0.7 * object_error(missing, target, background, region))
+    # The plain squared error says the opposite: a near miss is a miss plus a false ball.
+    assert (near_miss - target).pow(2).sum() > (missing - target).pow(2).sum()
+    assert object_error(target, target, background, region).item() == 0.0
+
+
+def test_object_error_of_one_missing_pixel_is_about_its_squared_error_per_scale():
+    background = torch.zeros(1, 3, 64, 64)
+    region = usually_empty(background, background)
+    error = object_error(background, _one_dot(30, 30, 0.5), background, region).item()
+    assert error == pytest.approx(len(OBJECT_SCALES_PX) * 0.25, rel=0.1)
+
+
+def test_object_error_ignores_pixels_that_are_usually_not_background():
+    background = torch.zeros(1, 3, 64, 64)
+    mean_frame = background.clone()
+    mean_frame[0, :, 28:33, 28:33] = 0.3  # e.g. where bricks or the score usually are
+    region = usually_empty(mean_frame, background)
+    assert object_error(background, _one_dot(30, 30), background, region).item() == 0.0
+    assert object_error(background, _one_dot(10, 10), background, region).item() > 0.0
+
+
+def test_object_term_adds_to_the_reconstruction_term_per_image():
+    x = _images()
+    terms = vae_loss(x, x, torch.zeros(2, 4), torch.zeros(2, 4),
+                     object_term=torch.tensor([2.0, 4.0]))
+    assert terms.recon.item() == pytest.approx(3.0)
+
+
+def test_object_error_leaves_large_objects_and_ball_free_frames_to_the_pixel_term():
+    background = torch.zeros(1, 3, 64, 64)
+    region = usually_empty(background, background)
+    paddle = background.clone()
+    paddle[0, :, 60, 20:27] = 0.8
+    assert object_error(background, paddle, background, region).item() == 0.0
+    # A ball drawn where the frame has none is the pixel term's business, not this one's.
+    assert object_error(_one_dot(30, 30), background, background, region).item() == 0.0
+
+
+def test_locator_error_is_low_for_the_right_place_uniform_for_no_idea_and_zero_without_ball():
+    background = torch.zeros(1, 3, 64, 64)
+    region = usually_empty(background, background)
+    ball = _one_dot(30, 40)
+    uniform = torch.zeros(1, 64 * 64)
+    rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+
+    def bump(row: int, col: int) -> torch.Tensor:  # a guess with ~1 px of doubt
+        return (-((rows - row) ** 2 + (cols - col) ** 2) / 2).reshape(1, -1)
+
+    right, wrong = bump(30, 40), bump(10, 5)
+    assert locator_error(uniform, ball, background, region).item() == pytest.approx(
+        math.log(64 * 64), rel=1e-4)
+    assert (locator_error(right, ball, background, region)
+            < locator_error(uniform, ball, background, region)
+            < locator_error(wrong, ball, background, region))
+    assert locator_error(right, background, background, region).item() == 0.0

@@ -13,7 +13,7 @@ from atari_vae.config import TrainConfig
 from atari_vae.data import load_or_collect, split_by_episode
 from atari_vae.envs import resolve_game
 from atari_vae.errors import AtariVaeError
-from atari_vae.model import latent_dim_of
+from atari_vae.model import decoder_of, latent_dim_of, vae_for
 from atari_vae.train import fit
 from tests.conftest import REPO, tiny_train_flags
 
@@ -56,6 +56,41 @@ def test_training_mode_samples_z(frames):
 
 def test_latent_dim_is_read_back_from_a_state_dict():
     assert latent_dim_of(VAE(latent_dim=12).state_dict()) == 12
+
+
+def test_broadcast_decoder_adds_a_path_and_keeps_z_the_only_way_through(frames):
+    vae = VAE(latent_dim=8, decoder="broadcast").eval()
+    x_hat, mu, _ = vae(frames)
+    assert x_hat.shape == (4, 3, 64, 64) and torch.equal(x_hat, vae.decode(mu))
+    plain = VAE(latent_dim=8)
+    assert set(plain.state_dict()) < set(vae.state_dict())  # deconv weights keep their names
+    with torch.no_grad():  # the broadcast path really reaches the output
+        vae.broadcast.net[-1].bias.fill_(5.0)
+    assert not torch.allclose(vae.decode(mu), x_hat)
+
+
+def test_the_decoder_kind_is_read_back_from_a_state_dict():
+    for kind in ("deconv", "broadcast"):
+        state = VAE(latent_dim=8, decoder=kind).state_dict()
+        assert decoder_of(state) == kind
+        rebuilt = vae_for(state)
+        rebuilt.load_state_dict(state)  # strict: every key matches
+        assert rebuilt.decoder_kind == kind and rebuilt.latent_dim == 8
+
+
+def test_the_locator_maps_z_to_logits_over_pixel_positions_and_is_read_back():
+    vae = VAE(latent_dim=8, locator=True)
+    assert vae.locate(torch.zeros(3, 8)).shape == (3, 64 * 64)
+    rebuilt = vae_for(vae.state_dict())
+    rebuilt.load_state_dict(vae.state_dict())
+    assert rebuilt.locator is not None and vae_for(VAE(latent_dim=8).state_dict()).locator is None
+    with pytest.raises(ValueError, match="without a locator"):
+        VAE(latent_dim=8).locate(torch.zeros(1, 8))
+
+
+def test_an_unknown_decoder_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="deconv, broadcast"):
+        VAE(decoder="transformer")
 
 
 def test_prior_samples_are_images():

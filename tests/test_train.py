@@ -247,3 +247,27 @@ def test_a_multi_game_run_weighs_and_scores_each_frame_against_its_own_games_ref
     own_mse = (val_frames - means[val_set.game_ids]).pow(2).mean().item()
     assert result.val_metrics["baseline_psnr"] == pytest.approx(psnr_from_mse(own_mse), abs=1e-3)
     assert psnr_from_mse((val_frames - mixed_mean).pow(2).mean().item()) < psnr_from_mse(own_mse)
+
+
+def test_the_ball_terms_train_a_broadcast_model_with_a_locator_that_loads_back(tmp_path):
+    cfg = TrainConfig(**tiny_train_flags(tmp_path / "out", checkpoint_freq=1000,
+                                         decoder="broadcast", obj_weight=3.0, loc_weight=1.0))
+    frames = load_games(parse_games(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed)
+    result = fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
+    assert all(math.isfinite(epoch["train_loss"]) for epoch in result.history)
+    model = registry.load_state_file(tmp_path / "out" / "best_model.pt")
+    assert model.decoder_kind == "broadcast" and model.locator is not None
+    # Both terms count in the reconstruction term, on the same frames and references.
+    plain = TrainConfig(**{**asdict(cfg), "loc_weight": 0.0, "obj_weight": 0.0})
+    assert _val_recon(model, frames, cfg) > _val_recon(model, frames, plain) > 0
+
+
+def _val_recon(model: VAE, frames, cfg: TrainConfig) -> float:
+    from atari_vae.train import _loss_terms
+
+    _, val = split_by_episode(frames, cfg.val_split, cfg.seed)
+    mean_frame, background = reference_frames(frames.frames_uint8)
+    with torch.no_grad():
+        terms, _ = _loss_terms(model.eval(), to_float(val.frames_uint8[:]), mean_frame,
+                               background, cfg, torch.float32)
+    return terms.recon.item()
