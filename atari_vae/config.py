@@ -233,6 +233,73 @@ class ServeConfig:
         _choice(self, "device", DEVICE_CHOICES, prefix=True)
 
 
+CONTROL_CHOICES = ("random_encoder", "none")
+FEATURE_CHOICES = ("mu", "mu_delta")
+# Test episodes are seeded from seed + TEST_SEED_OFFSET on; training episodes use seeds
+# seed .. seed + generations * episodes_per_candidate - 1, which validate() keeps below it.
+TEST_SEED_OFFSET = 1_000_000
+
+
+@dataclass
+class PlanConfig:
+    """Train a linear controller on the champion VAE's z with CMA-ES, on game score."""
+
+    env_name: str = flag("Breakout", "Game to play (one): Breakout, Pong, ALE/Pong-v5, ...")
+    model_name: str = flag("", "Registered VAE to plan from; default atari-vae-<game>. The "
+                           "controller is registered as <model_name>-controller.")
+    alias: str = flag("champion", "Alias of the VAE version to load.")
+    features: str = flag(
+        "mu", "Controller input: mu (the posterior mean) or mu_delta (mu and mu minus the "
+        "previous step's mu: motion).", choices=FEATURE_CHOICES)
+    generations: int = flag(60, "Most CMA-ES generations (see --time_budget_minutes).")
+    popsize: int = flag(16, "CMA-ES population: candidate controllers per generation.")
+    sigma0: float = flag(0.5, "CMA-ES initial step size (weights start at 0).")
+    episodes_per_candidate: int = flag(
+        2, "Episodes per candidate per generation (every candidate plays the same seeds); "
+        "fitness = their mean score.")
+    max_steps: int = flag(1000, "Longest episode, in agent steps (frameskip 4), training and "
+                          "test alike.")
+    test_episodes: int = flag(
+        30, f"Fresh test episodes (seeds from seed + {TEST_SEED_OFFSET}, never trained on) "
+        "for the controller, the random policy and the control.")
+    time_budget_minutes: float = flag(
+        12.0, "Stop starting CMA-ES generations after this many minutes, per controller "
+        "(ours, then the control); 0 = no limit.")
+    control: str = flag(
+        "random_encoder", "Also train the control: the same controller and CMA-ES on a "
+        "randomly initialised encoder of the same shape (none = skip).",
+        choices=CONTROL_CHOICES)
+    seed: int = flag(0, "Seed of CMA-ES, training episodes (seed + k) and the random policy.")
+    device: str = flag("cpu", "Device of the encoder.", choices=DEVICE_CHOICES)
+    threads: int = flag(
+        1, "Torch CPU threads for the encoder (batches of <= popsize x episodes frames); 1 "
+        "leaves the cores to the emulator threads (2 were 20x slower on a busy 2-core box).")
+    output_dir: str = flag("outputs/plan", "Where the controller, the strip and scores go.")
+    experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value and what is allowed."""
+        if "," in self.env_name:
+            raise ConfigError(f"--env_name takes one game for plan, got {self.env_name!r}")
+        _positive(self, "generations", "popsize", "sigma0", "episodes_per_candidate",
+                  "max_steps", "test_episodes", "threads")
+        _non_negative(self, "time_budget_minutes", "seed")
+        if self.test_episodes >= TEST_SEED_OFFSET:
+            raise ConfigError(f"--test_episodes must stay below {TEST_SEED_OFFSET}")
+        if self.popsize < 2:
+            raise ConfigError(f"--popsize must be at least 2 (CMA-ES), got {self.popsize}")
+        if self.generations * self.episodes_per_candidate >= TEST_SEED_OFFSET:
+            raise ConfigError("--generations x --episodes_per_candidate must stay below "
+                              f"{TEST_SEED_OFFSET} (training seeds would reach test seeds)")
+        _choice(self, "features", FEATURE_CHOICES)
+        _choice(self, "control", CONTROL_CHOICES)
+        _choice(self, "device", DEVICE_CHOICES, prefix=True)
+        check_model_name(self.model_name)
+        if not self.alias.strip():
+            raise ConfigError("--alias must not be empty (e.g. champion)")
+        _experiment_name(self)
+
+
 def power_of_two_dims(low: int, high: int) -> list[int]:
     """The latent sizes a study tries: powers of two in [low, high]."""
     return [2**k for k in range(31) if low <= 2**k <= high]
