@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,8 +104,18 @@ def _plan(cfg: PlanConfig, game: Game, vae: torch.nn.Module, vae_name: str, vae_
     log.info("test scores\n%s", result.table)
     save_controller_dir(ours.controller, out / "controller")  # the logged model has it too
     tracking.log_files(_write_outputs(cfg, out, vae, test, names, result, metrics))
-    _register(cfg, game, ours.controller, vae_name, vae_version, result)
+    _register(cfg, game, ours.controller, vae_name, vae_version, result,
+              lambda version: _champion_score(cfg, pool, vae_name, version))
     return result
+
+
+def _champion_score(cfg: PlanConfig, pool: EnvPool, vae_name: str, version: str) -> float:
+    """The mean score of a registered controller version (with its VAE) on this run's test
+    seeds: how a champion tested on other episodes is compared."""
+    champion = policy_registry.load_policy(policy_registry.controller_name(vae_name),
+                                           version=version,
+                                           device=str(resolve_device(cfg.device)))
+    return float(score_controller(champion.vae, champion.controller, pool, cfg).scores.mean())
 
 
 def _write_outputs(cfg: PlanConfig, out: Path, vae: torch.nn.Module, test: Episodes,
@@ -129,7 +140,7 @@ def _write_outputs(cfg: PlanConfig, out: Path, vae: torch.nn.Module, test: Episo
 
 
 def _register(cfg: PlanConfig, game: Game, ctrl, vae_name: str, vae_version: str,
-              result: PlanResult) -> None:
+              result: PlanResult, rescore: Callable[[str], float]) -> None:
     """Log the controller, register it as ``<vae name>-controller``, decide the champion."""
     import ale_py
 
@@ -141,7 +152,7 @@ def _register(cfg: PlanConfig, game: Game, ctrl, vae_name: str, vae_version: str
     version, reason, _ = policy_registry.register_controller(
         info.model_uri, name, {VAE_NAME_TAG: vae_name, VAE_VERSION_TAG: vae_version,
                                "game": game.title, "features": ctrl.features},
-        float(result.scores[OURS].mean()), protocol)
+        float(result.scores[OURS].mean()), protocol, rescore)
     result.controller_name, result.controller_version = name, version
     result.champion_decision = reason
     tracking.set_tags({"registered_model": name, "registered_version": version,

@@ -7,8 +7,9 @@ installed ``atari_vae.pyfunc_controller`` and whose data folder ``controller/`` 
 So it has a model page, a signature and a URI to register, and loading runs no stored code.
 
 Champion rule: a new controller version takes ``champion`` when there is none, or when its mean
-test score beats the champion's recorded one on the same test protocol (game, test seeds,
-episode cap, emulator settings). Scores on other protocols are not compared: the champion stays.
+test score beats the champion's on the same test protocol (game, test seeds, episode cap,
+emulator settings). A champion scored on another protocol is first played on this one (the
+``rescore`` callback; its tags then hold the new score); without a callback it stays.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +91,10 @@ def log_controller_model(ctrl: LinearController) -> Any:
 
 
 def register_controller(model_uri: str, name: str, tags: dict[str, Any], score: float,
-                        protocol: str) -> tuple[str, str, bool]:
-    """Register a logged controller as ``name``; (version, champion decision, is champion)."""
+                        protocol: str, rescore: Callable[[str], float] | None = None
+                        ) -> tuple[str, str, bool]:
+    """Register a logged controller as ``name``; (version, champion decision, is champion).
+    ``rescore(version)``: the mean test score of a registered version on ``protocol``."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -101,7 +105,7 @@ def register_controller(model_uri: str, name: str, tags: dict[str, Any], score: 
         client.update_registered_model(name, description=DESCRIPTION.format(
             vae=tags.get(VAE_NAME_TAG), name=name))
     with tracking.local_store_lock("registry"):
-        reason, moved = _decide(client, name, version, score, protocol)
+        reason, moved = _decide(client, name, version, score, protocol, rescore)
         if moved:
             client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, DECISION_TAG, reason)
@@ -110,8 +114,8 @@ def register_controller(model_uri: str, name: str, tags: dict[str, Any], score: 
     return version, reason, moved
 
 
-def _decide(client: Any, name: str, version: str, score: float,
-            protocol: str) -> tuple[str, bool]:
+def _decide(client: Any, name: str, version: str, score: float, protocol: str,
+            rescore: Callable[[str], float] | None) -> tuple[str, bool]:
     """(why, whether ``version`` takes the alias) under the module's champion rule."""
     aliases = client.get_registered_model(name).aliases
     holder = str(aliases[CHAMPION]) if CHAMPION in aliases else None
@@ -119,8 +123,13 @@ def _decide(client: Any, name: str, version: str, score: float,
         return f"no champion yet; test score {score:.2f}", True
     tags = client.get_model_version(name, holder).tags
     if tags.get(PROTOCOL_TAG) != protocol:
-        return (f"champion version {holder} was tested on other episodes "
-                f"({tags.get(PROTOCOL_TAG)}); not compared, the champion stays"), False
+        if rescore is None:
+            return (f"champion version {holder} was tested on other episodes "
+                    f"({tags.get(PROTOCOL_TAG)}); not compared, the champion stays"), False
+        log.info("playing champion version %s of %s on this run's test episodes", holder, name)
+        tags = {SCORE_TAG: repr(float(rescore(holder))), PROTOCOL_TAG: protocol}
+        for key, value in tags.items():
+            client.set_model_version_tag(name, holder, key, value)
     old = float(tags.get(SCORE_TAG, "nan"))
     if score > old or old != old:  # NaN: a champion without a readable score
         return f"test score {score:.2f} beats champion version {holder}'s {old:.2f}", True

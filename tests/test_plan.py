@@ -111,6 +111,17 @@ def test_a_controller_becomes_champion_only_by_beating_the_champions_score_on_it
     client = mlflow.MlflowClient()
     assert str(client.get_registered_model(name).aliases["champion"]) == "3"
     assert "not compared" in client.get_model_version(name, "4").tags["champion_decision"]
+    # with a way to play the champion on the new protocol, it is re-scored and then compared
+    played = []
+    got = policy_registry.register_controller(
+        _logged_controller(), name, tags, 3.0, "other",
+        rescore=lambda version: played.append(version) or 2.5)
+    assert played == ["3"] and got[0] == "5" and got[2], got[1]
+    old = client.get_model_version(name, "3").tags
+    assert (old["test_protocol"], float(old["test_score_mean"])) == ("other", 2.5)
+    got = policy_registry.register_controller(_logged_controller(), name, tags, 2.9, "other",
+                                              rescore=lambda version: played.append(version))
+    assert got[0] == "6" and not got[2] and played == ["3"], got[1]  # same protocol: no replay
 
 
 def test_plan_refuses_a_model_without_the_alias_in_one_line(champion_vae):
