@@ -9,7 +9,8 @@ So it has a model page, a signature and a URI to register, and loading runs no s
 Champion rule: a new controller version takes ``champion`` when there is none, or when its mean
 test score beats the champion's on the same test protocol (game, test seeds, episode cap,
 emulator settings). A champion scored on another protocol is first played on this one (the
-``rescore`` callback; its tags then hold the new score); without a callback it stays.
+``rescore`` callback; the score is kept in a tag ``test_score_mean:<protocol digest>`` beside its
+own); without a callback it stays.
 """
 
 from __future__ import annotations
@@ -121,19 +122,31 @@ def _decide(client: Any, name: str, version: str, score: float, protocol: str,
     holder = str(aliases[CHAMPION]) if CHAMPION in aliases else None
     if holder is None:
         return f"no champion yet; test score {score:.2f}", True
-    tags = client.get_model_version(name, holder).tags
-    if tags.get(PROTOCOL_TAG) != protocol:
+    old = _score_on(client.get_model_version(name, holder).tags, protocol)
+    if old is None:
         if rescore is None:
-            return (f"champion version {holder} was tested on other episodes "
-                    f"({tags.get(PROTOCOL_TAG)}); not compared, the champion stays"), False
+            return (f"champion version {holder} was tested on other episodes; not compared, "
+                    f"the champion stays"), False
         log.info("playing champion version %s of %s on this run's test episodes", holder, name)
-        tags = {SCORE_TAG: repr(float(rescore(holder))), PROTOCOL_TAG: protocol}
-        for key, value in tags.items():
-            client.set_model_version_tag(name, holder, key, value)
-    old = float(tags.get(SCORE_TAG, "nan"))
+        old = float(rescore(holder))
+        client.set_model_version_tag(name, holder, protocol_score_tag(protocol), repr(old))
     if score > old or old != old:  # NaN: a champion without a readable score
         return f"test score {score:.2f} beats champion version {holder}'s {old:.2f}", True
     return f"test score {score:.2f} does not beat champion version {holder}'s {old:.2f}", False
+
+
+def protocol_score_tag(protocol: str) -> str:
+    """The tag holding a version's score on another run's test protocol (a short digest)."""
+    import hashlib
+
+    return f"{SCORE_TAG}:{hashlib.sha256(protocol.encode()).hexdigest()[:12]}"
+
+
+def _score_on(tags: dict[str, str], protocol: str) -> float | None:
+    """A version's recorded mean test score on ``protocol``, if it has one."""
+    value = tags.get(SCORE_TAG) if tags.get(PROTOCOL_TAG) == protocol else tags.get(
+        protocol_score_tag(protocol))
+    return None if value is None else float(value)
 
 
 def download_controller_dir(uri: str) -> Path:

@@ -118,7 +118,8 @@ def test_a_controller_becomes_champion_only_by_beating_the_champions_score_on_it
         rescore=lambda version: played.append(version) or 2.5)
     assert played == ["3"] and got[0] == "5" and got[2], got[1]
     old = client.get_model_version(name, "3").tags
-    assert (old["test_protocol"], float(old["test_score_mean"])) == ("other", 2.5)
+    assert (old["test_protocol"], float(old["test_score_mean"])) == ("p", 2.0)  # its own
+    assert float(old[policy_registry.protocol_score_tag("other")]) == 2.5
     got = policy_registry.register_controller(_logged_controller(), name, tags, 2.9, "other",
                                               rescore=lambda version: played.append(version))
     assert got[0] == "6" and not got[2] and played == ["3"], got[1]  # same protocol: no replay
