@@ -13,12 +13,11 @@ import pytest
 import torch
 
 import atari_vae
-from atari_vae import plan, policy_registry, registry, tracking
+from atari_vae import plan, policy_registry, tracking
 from atari_vae.config import PlanConfig
 from atari_vae.controller import LinearController, load_controller_dir, make_features
 from atari_vae.envs import make_env, resolve_game
 from atari_vae.errors import AtariVaeError, ConfigError
-from atari_vae.model import VAE
 from atari_vae.plan_job import plan_job
 from atari_vae.rollout import EnvPool, RandomActor, play
 from tests.conftest import REPO
@@ -26,19 +25,6 @@ from tests.conftest import REPO
 VAE_NAME = "atari-vae-breakout"
 TINY = dict(env_name="Breakout", generations=2, popsize=4, episodes_per_candidate=1,
             max_steps=50, test_episodes=3, experiment_name="plan-test")
-
-
-@pytest.fixture
-def champion_vae() -> VAE:
-    """A small VAE logged to the test's store and registered as atari-vae-breakout@champion."""
-    torch.manual_seed(0)
-    vae = VAE((3, 64, 64), 8).eval()
-    tracking.configure("vae")
-    with tracking.tracked_run("log-vae"):
-        info = registry.log_vae_model(vae, {"game": "Breakout"})
-    version = mlflow.register_model(info.model_uri, VAE_NAME).version
-    mlflow.MlflowClient().set_registered_model_alias(VAE_NAME, "champion", version)
-    return vae
 
 
 def test_plan_job_logs_generations_registers_the_controller_and_load_policy_plays(
