@@ -84,6 +84,12 @@ class TrainConfig(DataConfig):
     output_dir: str = flag("outputs/vae_training", "Where models, checkpoints and plots go.")
     checkpoint_freq: int = flag(10, "Save a checkpoint and reconstructions every N epochs.")
     experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
+    collect_policy: str = flag(
+        "random", "Who plays the collected episodes: random, or a registered controller "
+        "(atari-vae plan), models:/<name>@<alias> or models:/<name>/<version>, for "
+        "--policy_mix of them, its actions epsilon-random (0.1).")
+    policy_mix: float = flag(
+        0.5, "Share of the episodes the controller plays when --collect_policy names one.")
     resume: bool = flag(
         False, "Continue the run recorded in output_dir from its newest checkpoint, with the "
         "same flags (--epochs may grow; added epochs run at the schedule's final 5%).",
@@ -102,6 +108,21 @@ class TrainConfig(DataConfig):
                 f"--num_episodes must be at least 2 (train and validation are split by "
                 f"episode), got {self.num_episodes}")
         _choice(self, "precision", PRECISION_CHOICES)
+        _collect_policy(self)
+
+
+def _collect_policy(cfg: Any) -> None:
+    if not 0.0 <= cfg.policy_mix <= 1.0:
+        raise ConfigError(f"--policy_mix must be in [0, 1], got {cfg.policy_mix}")
+    policy = cfg.collect_policy
+    if policy == "random":
+        return
+    if not re.fullmatch(rf"models:/{MODEL_NAME_PATTERN}(@[A-Za-z0-9_-]+|/[0-9]+)", policy):
+        raise ConfigError(f"--collect_policy must be random, models:/<name>@<alias> or "
+                          f"models:/<name>/<version>, got {policy!r}")
+    if "," in cfg.env_name:
+        raise ConfigError("--collect_policy with a controller takes one game (a controller "
+                          "plays the game it was trained on)")
 
 
 @dataclass
@@ -139,7 +160,8 @@ class TuneConfig(TrainConfig):
 
     # Inherited but meaningless here: a study continues from its storage, not from --resume,
     # and each trial draws its own latent_dim and kl_weight.
-    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("resume", "latent_dim", "kl_weight")
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("resume", "latent_dim", "kl_weight",
+                                            "collect_policy", "policy_mix")
 
     num_episodes: int = flag(20, "Random-policy episodes to collect per game (once per study).")
     epochs: int = flag(10, "Training epochs per trial.")

@@ -50,15 +50,18 @@ def controller_name(vae_name: str) -> str:
     return f"{vae_name}{SUFFIX}"
 
 
-def vae_version_at(name: str, alias: str) -> str:
-    """The version of registered VAE ``name`` holding ``alias``, or one line saying how to
-    make one."""
+VAE_HINT = ("register a VAE first: `atari-vae register --model_path outputs/<run>/best_model.pt "
+            "--env_name <Game>` or `atari-vae tune --env_name <Game>`")
+CONTROLLER_HINT = "train one with `atari-vae plan --env_name <Game>`"
+
+
+def vae_version_at(name: str, alias: str, hint: str = VAE_HINT) -> str:
+    """The version of registered model ``name`` (a VAE unless ``hint`` says otherwise) holding
+    ``alias``, or one line saying how to make one."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    hint = ("register a VAE first: `atari-vae register --model_path "
-            "outputs/<run>/best_model.pt --env_name <Game>` or `atari-vae tune --env_name <Game>`"
-            f" (tracking store {tracking.tracking_uri()})")
+    hint = f"{hint} (tracking store {tracking.tracking_uri()})"
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException as exc:
@@ -72,7 +75,7 @@ def vae_version_at(name: str, alias: str) -> str:
                                                   "INVALID_PARAMETER_VALUE"):
             raise
         raise AtariVaeError(f"registered model {name!r} has no version with the alias "
-                            f"{alias!r} (none passed the quality floor?); {hint}") from None
+                            f"{alias!r}; {hint}") from None
 
 
 def log_controller_model(ctrl: LinearController) -> Any:

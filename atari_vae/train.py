@@ -291,7 +291,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 # Flags a resumed run must share with the checkpoint: they fix the frames, split, model, loss
 # and optimiser. --precision is compared as resolved (bf16 or fp32); --epochs may grow.
 RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split", "latent_dim",
-                     "batch_size", "lr", "kl_weight", "fg_weight", "free_bits")
+                     "batch_size", "lr", "kl_weight", "fg_weight", "free_bits",
+                     "collect_policy", "policy_mix")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
@@ -313,6 +314,8 @@ def _resume_mismatch(ckpt: dict[str, Any], cfg: TrainConfig, run_token: str) -> 
                 "give another --output_dir for a new run")
     saved = ckpt["config"]
     for name in RESUME_MUST_MATCH:  # load_state_dict's own message is many lines long
+        # flags added later: a checkpoint without them was written with their defaults
+        saved.setdefault(name, TrainConfig.__dataclass_fields__[name].default)
         if not _same_flag(name, saved[name], getattr(cfg, name)):
             return (f"it was trained with --{name} {saved[name]}, not {getattr(cfg, name)}; "
                     f"resume with the run's original flags")
