@@ -16,6 +16,7 @@ import click
 
 from atari_vae.config import (
     EvaluateConfig,
+    PlanConfig,
     RegisterConfig,
     ServeConfig,
     TrainConfig,
@@ -149,6 +150,19 @@ def serve(**flags: Any) -> None:
     from atari_vae.serve import serve_job
 
     serve_job(ServeConfig(**flags))
+
+
+@main.command()
+@options_from(PlanConfig)
+@friendly_errors
+def plan(**flags: Any) -> None:
+    """Train a linear controller on the champion VAE's z with CMA-ES on game score; test it
+    against the random policy and a random-encoder control; register <model_name>-controller."""
+    from atari_vae.plan_job import plan_job
+
+    result = plan_job(PlanConfig(**flags))  # logs the score table
+    click.echo(f"registered {result.controller_name} version {result.controller_version}: "
+               f"{result.champion_decision}")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,12 @@ class TrainConfig(DataConfig):
     output_dir: str = flag("outputs/vae_training", "Where models, checkpoints and plots go.")
     checkpoint_freq: int = flag(10, "Save a checkpoint and reconstructions every N epochs.")
     experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
+    collect_policy: str = flag(
+        "random", "Who plays the collected episodes: random, or a registered controller "
+        "(atari-vae plan), models:/<name>@<alias> or models:/<name>/<version>, for "
+        "--policy_mix of them, its actions epsilon-random (0.1).")
+    policy_mix: float = flag(
+        0.5, "Share of the episodes the controller plays when --collect_policy names one.")
     resume: bool = flag(
         False, "Continue the run recorded in output_dir from its newest checkpoint, with the "
         "same flags (--epochs may grow; added epochs run at the schedule's final 5%).",
@@ -118,6 +124,21 @@ class TrainConfig(DataConfig):
                 f"episode), got {self.num_episodes}")
         _choice(self, "precision", PRECISION_CHOICES)
         _choice(self, "decoder", DECODERS)
+        _collect_policy(self)
+
+
+def _collect_policy(cfg: Any) -> None:
+    if not 0.0 <= cfg.policy_mix <= 1.0:
+        raise ConfigError(f"--policy_mix must be in [0, 1], got {cfg.policy_mix}")
+    policy = cfg.collect_policy
+    if policy == "random":
+        return
+    if not re.fullmatch(rf"models:/{MODEL_NAME_PATTERN}(@[A-Za-z0-9_-]+|/[0-9]+)", policy):
+        raise ConfigError(f"--collect_policy must be random, models:/<name>@<alias> or "
+                          f"models:/<name>/<version>, got {policy!r}")
+    if "," in cfg.env_name:
+        raise ConfigError("--collect_policy with a controller takes one game (a controller "
+                          "plays the game it was trained on)")
 
 
 @dataclass
@@ -155,7 +176,8 @@ class TuneConfig(TrainConfig):
 
     # Inherited but meaningless here: a study continues from its storage, not from --resume,
     # and each trial draws its own latent_dim and kl_weight.
-    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("resume", "latent_dim", "kl_weight")
+    NOT_FLAGS: ClassVar[tuple[str, ...]] = ("resume", "latent_dim", "kl_weight",
+                                            "collect_policy", "policy_mix")
 
     num_episodes: int = flag(20, "Random-policy episodes to collect per game (once per study).")
     epochs: int = flag(10, "Training epochs per trial.")
@@ -247,6 +269,73 @@ class ServeConfig:
         if self.port > 65535:
             raise ConfigError(f"--port must be at most 65535, got {self.port}")
         _choice(self, "device", DEVICE_CHOICES, prefix=True)
+
+
+CONTROL_CHOICES = ("random_encoder", "none")
+FEATURE_CHOICES = ("mu", "mu_delta")
+# Test episodes are seeded from seed + TEST_SEED_OFFSET on; training episodes use seeds
+# seed .. seed + generations * episodes_per_candidate - 1, which validate() keeps below it.
+TEST_SEED_OFFSET = 1_000_000
+
+
+@dataclass
+class PlanConfig:
+    """Train a linear controller on the champion VAE's z with CMA-ES, on game score."""
+
+    env_name: str = flag("Breakout", "Game to play (one): Breakout, Pong, ALE/Pong-v5, ...")
+    model_name: str = flag("", "Registered VAE to plan from; default atari-vae-<game>. The "
+                           "controller is registered as <model_name>-controller.")
+    alias: str = flag("champion", "Alias of the VAE version to load.")
+    features: str = flag(
+        "mu", "Controller input: mu (the posterior mean) or mu_delta (mu and mu minus the "
+        "previous step's mu: motion).", choices=FEATURE_CHOICES)
+    generations: int = flag(60, "Most CMA-ES generations (see --time_budget_minutes).")
+    popsize: int = flag(16, "CMA-ES population: candidate controllers per generation.")
+    sigma0: float = flag(0.5, "CMA-ES initial step size (weights start at 0).")
+    episodes_per_candidate: int = flag(
+        2, "Episodes per candidate per generation (every candidate plays the same seeds); "
+        "fitness = their mean score.")
+    max_steps: int = flag(1000, "Longest episode, in agent steps (frameskip 4), training and "
+                          "test alike.")
+    test_episodes: int = flag(
+        30, f"Fresh test episodes (seeds from seed + {TEST_SEED_OFFSET}, never trained on) "
+        "for the controller, the random policy and the control.")
+    time_budget_minutes: float = flag(
+        12.0, "Stop starting CMA-ES generations after this many minutes, per controller "
+        "(ours, then the control); 0 = no limit.")
+    control: str = flag(
+        "random_encoder", "Also train the control: the same controller and CMA-ES on a "
+        "randomly initialised encoder of the same shape (none = skip).",
+        choices=CONTROL_CHOICES)
+    seed: int = flag(0, "Seed of CMA-ES, training episodes (seed + k) and the random policy.")
+    device: str = flag("cpu", "Device of the encoder.", choices=DEVICE_CHOICES)
+    threads: int = flag(
+        1, "Torch CPU threads for the encoder (batches of <= popsize x episodes frames); 1 "
+        "leaves the cores to the emulator threads (2 were 20x slower on a busy 2-core box).")
+    output_dir: str = flag("outputs/plan", "Where the controller, the strip and scores go.")
+    experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value and what is allowed."""
+        if "," in self.env_name:
+            raise ConfigError(f"--env_name takes one game for plan, got {self.env_name!r}")
+        _positive(self, "generations", "popsize", "sigma0", "episodes_per_candidate",
+                  "max_steps", "test_episodes", "threads")
+        _non_negative(self, "time_budget_minutes", "seed")
+        if self.test_episodes >= TEST_SEED_OFFSET:
+            raise ConfigError(f"--test_episodes must stay below {TEST_SEED_OFFSET}")
+        if self.popsize < 2:
+            raise ConfigError(f"--popsize must be at least 2 (CMA-ES), got {self.popsize}")
+        if self.generations * self.episodes_per_candidate >= TEST_SEED_OFFSET:
+            raise ConfigError("--generations x --episodes_per_candidate must stay below "
+                              f"{TEST_SEED_OFFSET} (training seeds would reach test seeds)")
+        _choice(self, "features", FEATURE_CHOICES)
+        _choice(self, "control", CONTROL_CHOICES)
+        _choice(self, "device", DEVICE_CHOICES, prefix=True)
+        check_model_name(self.model_name)
+        if not self.alias.strip():
+            raise ConfigError("--alias must not be empty (e.g. champion)")
+        _experiment_name(self)
 
 
 def power_of_two_dims(low: int, high: int) -> list[int]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from atari_vae.collect_policy import CollectPolicy
 from atari_vae.envs import FRAME_SHAPE, FRAMESKIP, STICKY_ACTION_PROB, Game, make_vector_env
 from atari_vae.store import FrameRows, FrameStore, StoreError
 
@@ -98,13 +99,14 @@ def chain_length(num_episodes: int) -> int:
 
 def play_episodes(game: Game, num_episodes: int, max_steps: int, seed: int, sink: EpisodeSink,
                   have: frozenset[int] = frozenset(), progress: bool = True,
-                  num_envs: int = 0) -> None:
+                  num_envs: int = 0, policy: CollectPolicy | None = None) -> None:
     """Play the episodes of a seed not in ``have``; hand each to ``sink`` as it ends.
 
     Chain c (episodes cL..cL+L-1, L = ``chain_length``) starts from a reset seeded
     ``seed + c`` and acts from ``default_rng([seed, c])``: its frames depend on nothing
     else, not the env count, the finishing order, or where a resumed collection starts.
-    A chain with some episodes in ``have`` is replayed, those episodes dropped.
+    A chain with some episodes in ``have`` is replayed, those episodes dropped. With
+    ``policy``, the episodes it ``plays`` take its (epsilon-random) actions instead.
     """
     length = chain_length(num_episodes)
     chains = [c for c in range(-(-num_episodes // length))
@@ -115,7 +117,7 @@ def play_episodes(game: Game, num_episodes: int, max_steps: int, seed: int, sink
         return
     # Lockstep (batch = num_envs): only then can single envs be reset with a seed of our own.
     env = make_vector_env(game, num_envs, max_steps, num_envs)
-    player = _Player(env, _Plan(num_episodes, length, have, max_steps, seed), chains)
+    player = _Player(env, _Plan(num_episodes, length, have, max_steps, seed, policy), chains)
     bar = tqdm(total=num_episodes, initial=len(have), desc=f"collect {game.title}", unit="ep",
                disable=None if progress else True)
     try:
@@ -138,6 +140,7 @@ class _Plan:
     have: frozenset[int]  # episodes stored already: played (their chain replays) but dropped
     max_steps: int
     seed: int
+    policy: CollectPolicy | None = None
 
 
 class _Player:
@@ -156,6 +159,8 @@ class _Player:
         self.frames = np.empty((n, plan.max_steps, *FRAME_SHAPE[1:], 3), dtype=np.uint8)
         self.done: list[tuple[int, np.ndarray]] = []
         self.to_go = plan.num_episodes - len(plan.have)
+        self.by_policy = np.zeros((n, plan.max_steps), dtype=bool)  # the controller's steps
+        self.prev_mu: list[np.ndarray | None] = [None] * n
 
     def start(self) -> np.ndarray:
         """Reset every env into its first chain; returns the env ids of the observations."""
@@ -164,7 +169,15 @@ class _Player:
     def actions(self, env_ids: np.ndarray) -> np.ndarray:
         """Each env's next action, in the order of ``env_ids``."""
         step = np.clip(self.length[env_ids] - 1, 0, self.plan.max_steps - 1)
-        return self.actions_of[env_ids, step]
+        actions = self.actions_of[env_ids, step]
+        # not on an autoreset step (length 0: the env ignores the action), nor for idle envs
+        mine = self.by_policy[env_ids, step] & (self.length[env_ids] > 0) & (
+            self.chain[env_ids] >= 0)
+        for i in np.flatnonzero(mine).tolist():
+            env = int(env_ids[i])
+            actions[i], self.prev_mu[env] = self.plan.policy.act(
+                self.frames[env, self.length[env] - 1], self.prev_mu[env])
+        return actions
 
     def record(self, obs: np.ndarray, env_ids: np.ndarray, ended: np.ndarray) -> np.ndarray:
         """File one step's observations; move envs whose episode ended on to the next one."""
@@ -192,6 +205,11 @@ class _Player:
     def _begin(self, env: int, number: int) -> None:
         self.episode[env], self.length[env] = number, 0
         self.actions_of[env] = self.rngs[env].integers(self.n_actions, size=self.plan.max_steps)
+        policy, self.prev_mu[env] = self.plan.policy, None
+        self.by_policy[env] = policy is not None and policy.plays(self.plan.seed, number)
+        if self.by_policy[env, 0]:
+            self.by_policy[env] &= ~policy.random_steps(self.plan.seed, number,
+                                                        self.plan.max_steps)
 
     def _next_chain(self, envs: np.ndarray) -> np.ndarray:
         """Reset ``envs`` (sorted) with the seeds of the next chains; idle those left over."""
@@ -243,15 +261,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATARI_VAE_CACHE_DIR", default))
 
 
-def cache_key(game: Game, num_episodes: int, max_steps: int, seed: int) -> str:
-    """A digest of everything that determines the collected frames."""
+def cache_key(game: Game, num_episodes: int, max_steps: int, seed: int,
+              policy: CollectPolicy | None = None) -> str:
+    """A digest of everything that determines the collected frames (a policy's name, pinned
+    version, mix and epsilon too; random-policy keys are as before)."""
     import ale_py
 
     spec = dict(game=game.rom_id, num_episodes=num_episodes, max_steps=max_steps, seed=seed,
                 frameskip=FRAMESKIP, sticky=STICKY_ACTION_PROB, ale=ale_py.__version__,
-                collector=COLLECTOR_VERSION)
+                collector=COLLECTOR_VERSION, **({"policy": policy.key} if policy else {}))
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{_key_stem(game, num_episodes, max_steps, seed)}-{digest}"
+    stem = _key_stem(game, num_episodes, max_steps, seed)
+    return f"{stem}-{policy.stem}-{digest}" if policy else f"{stem}-{digest}"
 
 
 def _key_stem(game: Game, num_episodes: int, max_steps: int, seed: int) -> str:
@@ -259,23 +280,23 @@ def _key_stem(game: Game, num_episodes: int, max_steps: int, seed: int) -> str:
 
 
 def load_or_collect(game: Game, num_episodes: int, max_steps: int, seed: int,
-                    progress: bool = True, on_episode: Callable[[int], None] | None = None
-                    ) -> FrameSet:
+                    progress: bool = True, on_episode: Callable[[int], None] | None = None,
+                    policy: CollectPolicy | None = None) -> FrameSet:
     """Frames from the store, collecting the episodes it lacks first (resuming a killed run).
 
     ``on_episode(number)`` is called after each newly collected episode is on disk.
     """
-    key = cache_key(game, num_episodes, max_steps, seed)
+    key = cache_key(game, num_episodes, max_steps, seed, policy)
     path = cache_dir() / key
     try:
         with _locked(cache_dir() / f"{key}.lock"):
             store = _open_or_create(path, key, game, num_episodes, max_steps, seed)
             if not store.complete:
-                _fill(store, game, num_episodes, max_steps, seed, progress, on_episode)
+                _fill(store, game, num_episodes, max_steps, seed, progress, on_episode, policy)
     except OSError as exc:  # a read-only or full cache must not cost the run
         log.warning("could not store frames at %s (%s); collecting into a temporary store",
                     path, exc.strerror or exc)
-        return _collect_to_temporary(game, num_episodes, max_steps, seed, progress, key)
+        return _collect_to_temporary(game, num_episodes, max_steps, seed, progress, key, policy)
     log.info("%s: %d frames of %d episodes from %s", game.title, store.n_frames,
              num_episodes, path)
     return _frameset(store, game)
@@ -303,7 +324,8 @@ def _open_or_create(path: Path, key: str, game: Game, num_episodes: int, max_ste
 
 
 def _fill(store: FrameStore, game: Game, num_episodes: int, max_steps: int, seed: int,
-          progress: bool, on_episode: Callable[[int], None] | None) -> None:
+          progress: bool, on_episode: Callable[[int], None] | None,
+          policy: CollectPolicy | None = None) -> None:
     """Collect the episodes ``store`` lacks, appending each as it ends, then sort and close it."""
     def sink(number: int, frames: np.ndarray) -> None:
         store.append(number, frames)
@@ -311,17 +333,18 @@ def _fill(store: FrameStore, game: Game, num_episodes: int, max_steps: int, seed
             on_episode(number)
 
     play_episodes(game, num_episodes, max_steps, seed, sink,
-                  frozenset(store.episode_numbers), progress)
+                  frozenset(store.episode_numbers), progress, policy=policy)
     store.finish()
 
 
 def _collect_to_temporary(game: Game, num_episodes: int, max_steps: int, seed: int,
-                          progress: bool, key: str) -> FrameSet:
+                          progress: bool, key: str,
+                          policy: CollectPolicy | None = None) -> FrameSet:
     """Collect into a store in the temp folder that is deleted once mapped (POSIX keeps it)."""
     folder = Path(tempfile.mkdtemp(prefix="atari-vae-frames-"))
     try:
         store = FrameStore.create(folder / key, key)
-        _fill(store, game, num_episodes, max_steps, seed, progress, None)
+        _fill(store, game, num_episodes, max_steps, seed, progress, None, policy)
         return _frameset(store, game)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -355,10 +378,10 @@ def _locked(path: Path):
 
 
 def load_games(games: list[Game], num_episodes: int, max_steps: int, seed: int,
-               progress: bool = True) -> FrameSet:
+               progress: bool = True, policy: CollectPolicy | None = None) -> FrameSet:
     """Frames of every game, each from its own store (collected or resumed on its own)."""
-    return FrameSet.concat([load_or_collect(g, num_episodes, max_steps, seed, progress)
-                            for g in games])
+    return FrameSet.concat([load_or_collect(g, num_episodes, max_steps, seed, progress,
+                                            policy=policy) for g in games])
 
 
 def split_by_episode(frames: FrameSet, val_split: float, seed: int) -> tuple[FrameSet, FrameSet]:

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from atari_vae import registry, tracking
+from atari_vae import collect_policy, registry, tracking
 from atari_vae.config import TrainConfig
 from atari_vae.data import load_games, split_by_episode
 from atari_vae.envs import Game, parse_games
@@ -40,12 +40,14 @@ def train_job(cfg: TrainConfig) -> TrainResult:
         check_fresh(out)
         trained_for = cfg.epochs
     tracking.configure(cfg.experiment_name)  # an unreachable server, too, before any file
+    # a missing controller, too: resolved once, so an alias that moves later changes nothing
+    policy = collect_policy.resolve(cfg.collect_policy, cfg.policy_mix, games[0])
     with claimed(out, cfg.resume) as run_token:
-        return _tracked_training(cfg, games, run_token, trained_for)
+        return _tracked_training(cfg, games, run_token, trained_for, policy)
 
 
-def _tracked_training(cfg: TrainConfig, games: list[Game], run_token: str,
-                      trained_for: int) -> TrainResult:
+def _tracked_training(cfg: TrainConfig, games: list[Game], run_token: str, trained_for: int,
+                      policy: collect_policy.CollectPolicy | None = None) -> TrainResult:
     """Collect, split and fit inside the directory's MLflow run (a new one unless resuming)."""
     out = Path(cfg.output_dir)
     run_id_file = out / RUN_ID_FILE
@@ -67,7 +69,11 @@ def _tracked_training(cfg: TrainConfig, games: list[Game], run_token: str,
             tracking.set_tags({"resumed_from_run_id": lost})
         if cfg.epochs != trained_for:  # a param cannot change: the tag says what ran
             tracking.set_tags({"epochs_extended_to": cfg.epochs})
-        frames = load_games(games, cfg.num_episodes, cfg.max_steps, cfg.seed)
+        if policy:  # the version the alias named when the frames were collected
+            tracking.set_tags({"collect_policy": policy.key})
+            tracking.log_metrics({"data/policy_episodes": sum(
+                policy.plays(cfg.seed, r) for r in range(cfg.num_episodes))})
+        frames = load_games(games, cfg.num_episodes, cfg.max_steps, cfg.seed, policy=policy)
         train_set, val_set = split_by_episode(frames, cfg.val_split, cfg.seed)
         tracking.log_metrics({"n_train_frames": len(train_set), "n_val_frames": len(val_set)})
         result = fit(cfg, train_set, val_set, tracking.MlflowTrainHooks(), run_token)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from atari_vae.config import (
     EvaluateConfig,
+    PlanConfig,
     RegisterConfig,
     TrainConfig,
     TuneConfig,
@@ -14,7 +15,7 @@ from atari_vae.config import (
 )
 
 ENTRY_POINTS = {"train": TrainConfig, "evaluate": EvaluateConfig, "tune": TuneConfig,
-                "register": RegisterConfig}
+                "register": RegisterConfig, "plan": PlanConfig}
 
 
 def _parameter(name: str, default: object) -> str:

@@ -122,3 +122,22 @@ def latent_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], path: st
     fig.colorbar(sc, ax=list(axes[0]), label=color_label)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def policy_strip(frames: torch.Tensor, recons: torch.Tensor, actions: Sequence[str],
+                 path: str | Path, title: str = "") -> Path:
+    """Columns of one episode: the 64x64 frame the controller saw, its reconstruction, and
+    the action chosen (column title)."""
+    n = len(frames)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.8), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(_hwc(frames[i]), interpolation="nearest")
+        axes[1, i].imshow(_hwc(recons[i]), interpolation="nearest")
+        axes[0, i].set_title(actions[i], fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("frame (64x64)")
+    axes[1, 0].set_ylabel("reconstruction")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

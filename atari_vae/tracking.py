@@ -365,6 +365,16 @@ class MlflowTrainHooks:
         log_files([f for f in files if f.suffix == ".png"], "reconstructions")
 
 
+class MlflowPlanHooks:
+    """PlanHooks logging each CMA-ES generation's scores as ``<prefix><name>`` at its step."""
+
+    def __init__(self, prefix: str = "plan/") -> None:
+        self.prefix = prefix
+
+    def on_generation(self, generation: int, stats: dict[str, float]) -> None:
+        log_metrics({f"{self.prefix}{k}": v for k, v in stats.items()}, step=generation)
+
+
 def active_run_id() -> str | None:
     """The id of the active run, if any."""
     import mlflow

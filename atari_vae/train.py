@@ -316,7 +316,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 # and optimiser. --precision is compared as resolved (bf16 or fp32); --epochs may grow.
 RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split", "latent_dim",
                      "batch_size", "lr", "kl_weight", "fg_weight", "obj_weight", "loc_weight",
-                     "free_bits", "decoder")
+                     "free_bits", "decoder", "collect_policy", "policy_mix")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 

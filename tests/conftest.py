@@ -67,3 +67,23 @@ def good_model_file(tmp_path_factory: pytest.TempPathFactory, frame_cache: Path)
                                  cfg.seed, False)
         fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
     return out / "best_model.pt"
+
+
+@pytest.fixture
+def champion_vae():
+    """A small untrained VAE (latent 8) logged to the test's store and registered as
+    atari-vae-breakout@champion."""
+    import mlflow
+    import torch
+
+    from atari_vae import registry, tracking
+    from atari_vae.model import VAE
+
+    torch.manual_seed(0)
+    vae = VAE((3, 64, 64), 8).eval()
+    tracking.configure("vae")
+    with tracking.tracked_run("log-vae"):
+        info = registry.log_vae_model(vae, {"game": "Breakout"})
+    version = mlflow.register_model(info.model_uri, "atari-vae-breakout").version
+    mlflow.MlflowClient().set_registered_model_alias("atari-vae-breakout", "champion", version)
+    return vae

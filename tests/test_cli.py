@@ -12,13 +12,14 @@ import pytest
 from click.testing import CliRunner
 
 from atari_vae import cli, config
-from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
+from atari_vae.config import EvaluateConfig, PlanConfig, TrainConfig, TuneConfig, fields_of
 from atari_vae.data import cache_dir, cache_key
 from atari_vae.envs import resolve_game
 from atari_vae.store import FRAMES_FILE, INDEX_FILE, FrameStore
 from tests.conftest import REPO, tiny_train_flags
 
-COMMANDS = [("train", TrainConfig), ("evaluate", EvaluateConfig), ("tune", TuneConfig)]
+COMMANDS = [("train", TrainConfig), ("evaluate", EvaluateConfig), ("tune", TuneConfig),
+            ("plan", PlanConfig)]
 ORIGINAL_TRAIN_FLAGS = ("--env_name", "--latent_dim", "--num_episodes", "--max_steps",
                         "--batch_size", "--epochs", "--lr", "--val_split", "--device",
                         "--output_dir", "--checkpoint_freq", "--seed")

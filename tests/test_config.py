@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from atari_vae.config import EvaluateConfig, TrainConfig, TuneConfig, fields_of
+from atari_vae.config import EvaluateConfig, PlanConfig, TrainConfig, TuneConfig, fields_of
 from atari_vae.errors import AtariVaeError, ConfigError
 
 # The training issue's defaults. kl_weight (1.0 there) and lr (1e-3 there) are not pinned: the
@@ -26,12 +26,12 @@ def test_evaluate_seed_differs_from_the_training_seed():
     assert EvaluateConfig().seed != TrainConfig().seed
 
 
-@pytest.mark.parametrize("config_cls", [TrainConfig, EvaluateConfig, TuneConfig])
+@pytest.mark.parametrize("config_cls", [TrainConfig, EvaluateConfig, TuneConfig, PlanConfig])
 def test_default_configs_are_valid(config_cls):
     config_cls().validate()
 
 
-@pytest.mark.parametrize("config_cls", [TrainConfig, EvaluateConfig, TuneConfig])
+@pytest.mark.parametrize("config_cls", [TrainConfig, EvaluateConfig, TuneConfig, PlanConfig])
 def test_every_field_has_help_text_for_cli_and_readme(config_cls):
     for f in fields_of(config_cls):
         assert len(f.metadata["help"]) > 10, f.name

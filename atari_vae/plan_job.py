@@ -1,0 +1,168 @@
+"""The plan job end to end: champion VAE -> CMA-ES controller -> test vs the random policy and
+the random-encoder control -> picture -> the controller registered as ``<vae name>-controller``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atari_vae import plots, policy_registry, registry, tracking
+from atari_vae.config import PlanConfig
+from atari_vae.controller import encode_frames, save_controller_dir
+from atari_vae.envs import FRAMESKIP, STICKY_ACTION_PROB, Game, make_env, resolve_game
+from atari_vae.files import atomic_write_text
+from atari_vae.plan import (
+    held_out_seeds,
+    random_encoder_like,
+    score_controller,
+    score_random_policy,
+    summary_table,
+    train_controller,
+)
+from atari_vae.policy_registry import VAE_NAME_TAG, VAE_VERSION_TAG
+from atari_vae.registration import default_model_name
+from atari_vae.rollout import EnvPool, Episodes
+from atari_vae.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+STRIP_FRAMES = 8
+OURS, RANDOM, CONTROL = "ours (VAE z)", "random policy", "control (random encoder)"
+
+
+@dataclass
+class PlanResult:
+    """Test scores per policy (same seeds), the registered controller and the run."""
+
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    controller_name: str = ""
+    controller_version: str = ""
+    champion_decision: str = ""
+    run_id: str = ""
+    table: str = ""
+
+
+def plan_job(cfg: PlanConfig) -> PlanResult:
+    """Validate flags, load the VAE at the alias, then train, test and register in one run."""
+    cfg.validate()
+    game = resolve_game(cfg.env_name)
+    vae_name = cfg.model_name or default_model_name([game])
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    tracking.configure(cfg.experiment_name)
+    vae_version = policy_registry.vae_version_at(vae_name, cfg.alias)  # one line if none
+    vae = registry.load_registered(vae_name, version=vae_version, device=device)
+    log.info("planning on %s version %s (@%s), latent_dim %d", vae_name, vae_version, cfg.alias,
+             vae.latent_dim)
+    tags = {**tracking.base_tags("plan", [game.title]), VAE_NAME_TAG: vae_name,
+            VAE_VERSION_TAG: vae_version}
+    pool = EnvPool(game, cfg.max_steps)
+    try:
+        with tracking.tracked_run(f"plan-{game.title}", tags) as run:
+            tracking.log_config(cfg)
+            result = _plan(cfg, game, vae, vae_name, vae_version, pool)
+            result.run_id = run.info.run_id
+    finally:
+        pool.close()
+    return result
+
+
+def _plan(cfg: PlanConfig, game: Game, vae: torch.nn.Module, vae_name: str, vae_version: str,
+          pool: EnvPool) -> PlanResult:
+    started = time.monotonic()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = action_names(game)
+    metadata = {"game": game.title, "action_names": names, VAE_NAME_TAG: vae_name,
+                VAE_VERSION_TAG: vae_version}
+    ours = train_controller(vae, pool, cfg, metadata, tracking.MlflowPlanHooks("plan/"), "plan")
+    test = score_controller(vae, ours.controller, pool, cfg, record=True)
+    result = PlanResult({OURS: test.scores, RANDOM: score_random_policy(pool, cfg).scores})
+    metrics = {"plan/train_seconds": ours.seconds, "plan/generations": len(ours.history)}
+    if cfg.control == "random_encoder":
+        control_vae = random_encoder_like(vae, cfg.seed)
+        control = train_controller(control_vae, pool, cfg, {**metadata, "encoder": "random"},
+                                   tracking.MlflowPlanHooks("plan/control_"), "control")
+        result.scores[CONTROL] = score_controller(control_vae, control.controller, pool,
+                                                  cfg).scores
+        metrics.update({"plan/control_train_seconds": control.seconds,
+                        "plan/control_generations": len(control.history)})
+    for key, scores in ((OURS, "test"), (RANDOM, "random_policy"), (CONTROL, "control_test")):
+        if key in result.scores:
+            metrics[f"plan/{scores}_score_mean"] = float(result.scores[key].mean())
+            metrics[f"plan/{scores}_score_std"] = float(result.scores[key].std())
+    metrics["plan/job_seconds"] = time.monotonic() - started
+    tracking.log_metrics(metrics)
+    result.table = summary_table(result.scores, game.title, cfg.max_steps)
+    log.info("test scores\n%s", result.table)
+    save_controller_dir(ours.controller, out / "controller")  # the logged model has it too
+    tracking.log_files(_write_outputs(cfg, out, vae, test, names, result, metrics))
+    _register(cfg, game, ours.controller, vae_name, vae_version, result,
+              lambda version: _champion_score(cfg, pool, vae_name, version))
+    return result
+
+
+def _champion_score(cfg: PlanConfig, pool: EnvPool, vae_name: str, version: str) -> float:
+    """The mean score of a registered controller version (with its VAE) on this run's test
+    seeds: how a champion tested on other episodes is compared."""
+    champion = policy_registry.load_policy(policy_registry.controller_name(vae_name),
+                                           version=version,
+                                           device=str(resolve_device(cfg.device)))
+    return float(score_controller(champion.vae, champion.controller, pool, cfg).scores.mean())
+
+
+def _write_outputs(cfg: PlanConfig, out: Path, vae: torch.nn.Module, test: Episodes,
+                   names: list[str], result: PlanResult, metrics: dict[str, float]
+                   ) -> list[Path]:
+    """summary.txt, scores.json (every test score) and policy_strip.png into ``out``."""
+    atomic_write_text(out / "summary.txt", result.table + "\n")
+    atomic_write_text(out / "scores.json", json.dumps({
+        "test_seeds": held_out_seeds(cfg).tolist(), "max_steps": cfg.max_steps,
+        "scores": {k: v.tolist() for k, v in result.scores.items()}, "metrics": metrics},
+        indent=2))
+    pick = np.linspace(0, len(test.frames) - 1, min(STRIP_FRAMES, len(test.frames))).astype(int)
+    frames = torch.from_numpy(test.frames[pick])
+    with torch.no_grad():
+        mu = torch.from_numpy(encode_frames(vae, frames)).to(next(vae.parameters()).device)
+        recons = vae.decode(mu).cpu()
+    labels = [f"t={t}: {names[a]}" for t, a in zip(pick.tolist(), test.actions[pick].tolist())]
+    strip = plots.policy_strip(frames.float() / 255, recons, labels, out / "policy_strip.png",
+                               f"{cfg.env_name}: test episode 1 (score {test.scores[0]:g}): "
+                               f"frame, reconstruction, controller's action")
+    return [out / "summary.txt", out / "scores.json", strip]
+
+
+def _register(cfg: PlanConfig, game: Game, ctrl, vae_name: str, vae_version: str,
+              result: PlanResult, rescore: Callable[[str], float]) -> None:
+    """Log the controller, register it as ``<vae name>-controller``, decide the champion."""
+    import ale_py
+
+    info = policy_registry.log_controller_model(ctrl)
+    seeds = held_out_seeds(cfg)
+    protocol = (f"{game.title} test seeds {seeds[0]}..{seeds[-1]} max_steps={cfg.max_steps} "
+                f"frameskip={FRAMESKIP} sticky={STICKY_ACTION_PROB} ale={ale_py.__version__}")
+    name = policy_registry.controller_name(vae_name)
+    version, reason, _ = policy_registry.register_controller(
+        info.model_uri, name, {VAE_NAME_TAG: vae_name, VAE_VERSION_TAG: vae_version,
+                               "game": game.title, "features": ctrl.features},
+        float(result.scores[OURS].mean()), protocol, rescore)
+    result.controller_name, result.controller_version = name, version
+    result.champion_decision = reason
+    tracking.set_tags({"registered_model": name, "registered_version": version,
+                       "champion_decision": reason})
+
+
+def action_names(game: Game) -> list[str]:
+    """The game's minimal action set by name, in the index order the controller outputs."""
+    env = make_env(game)
+    try:
+        return list(env.unwrapped.get_action_meanings())
+    finally:
+        env.close()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 18's score table: a CMA-ES controller on the champion VAE's z vs the random policy and the
+# random-encoder control, on the same 30 fresh test episodes per game. Usage:
+#   bash benchmarks/plan.sh [games...]                 # default: Breakout Pong
+#   BUDGET=12 bash benchmarks/plan.sh Breakout         # minutes of CMA-ES per controller (default 6,
+#                                                      # as in the README table; the job default is 12)
+# For each game without a registered atari-vae-<game>@champion in ./mlflow.db it first trains
+# the quick-test VAE (5 episodes, 10 epochs, batch 32) and registers it (quality floor and all).
+# Then `atari-vae plan` trains ours and the control, tests both and the random policy, and
+# registers atari-vae-<game>-controller. Each game's table is outputs/plan-<game>/summary.txt;
+# wall times are in its scores.json (metrics) and the MLflow run. PYTHON overridable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+games=${*:-Breakout Pong}
+py=${PYTHON:-.venv/bin/python}
+export MLFLOW_DISABLE_TELEMETRY=true
+for game in $games; do
+  lower=$(echo "$game" | tr '[:upper:]' '[:lower:]')
+  if ! $py -c "import mlflow, sys; mlflow.set_tracking_uri('sqlite:///mlflow.db'); \
+mlflow.MlflowClient().get_model_version_by_alias('atari-vae-$lower', 'champion')" 2>/dev/null
+  then
+    $py -m atari_vae train --env_name "$game" --num_episodes 5 --epochs 10 --batch_size 32 \
+      --output_dir "outputs/vae-$lower" --experiment_name atari-vae-plan
+    $py -m atari_vae register --model_path "outputs/vae-$lower/best_model.pt" \
+      --env_name "$game" --experiment_name atari-vae-plan
+  fi
+  /usr/bin/time -f "$game plan wall %e s" $py -m atari_vae plan --env_name "$game" \
+    --time_budget_minutes "${BUDGET:-6}" --output_dir "outputs/plan-$lower" \
+    --experiment_name atari-vae-plan
+  cat "outputs/plan-$lower/summary.txt"
+done
