@@ -85,7 +85,7 @@ class TrainConfig(DataConfig):
         "does, blurred at 1, 2 and 4 px, so a ball drawn a pixel off costs less than a ball "
         "left out; 0 = off.")
     loc_weight: float = flag(
-        0.0,
+        30.0,
         "Weight of the locator term: the model also predicts from z, as a categorical over "
         "pixel positions, where the frame's small moving objects (ball, shots) are; 0 = off "
         "(and no locator in the model).")

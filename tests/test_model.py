@@ -109,8 +109,9 @@ def trained_output(tmp_path: Path) -> Path:
 
 
 def test_the_documented_load_line_works_verbatim_on_a_trained_output(trained_output):
-    vae = VAE(input_shape=(3, 64, 64), latent_dim=32)
-    vae.load_state_dict(torch.load("outputs/vae_training/best_model.pt", weights_only=True))
+    state = torch.load("outputs/vae_training/best_model.pt", weights_only=True)
+    vae = vae_for(state)  # the VAE's shape: latent size, decoder, locator
+    vae.load_state_dict(state)
     loaded = registry.load_model(str(trained_output / "checkpoint_epoch_1.pt"))
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in vae.state_dict().items())
 

@@ -17,7 +17,7 @@ from atari_vae.config import TrainConfig
 from atari_vae.data import load_games, split_by_episode
 from atari_vae.envs import FRAME_SHAPE, parse_games
 from atari_vae.errors import ConfigError
-from atari_vae.model import VAE
+from atari_vae.model import vae_for
 from atari_vae.runtime import autocast, resolve_device, resolve_precision, seed_everything
 from atari_vae.train import fit
 from tests.conftest import tiny_train_flags
@@ -78,9 +78,10 @@ def test_training_on_cuda_gives_finite_losses_and_weights_that_load_on_cpu(
     result = _tiny_fit(tmp_path, device="cuda", precision=precision)
     assert all(math.isfinite(epoch["val_loss"]) for epoch in result.history)
     assert next(result.model.parameters()).device.type == "cuda"
-    cpu_model = VAE(FRAME_SHAPE, 8)
-    cpu_model.load_state_dict(torch.load(tmp_path / "out" / "best_model.pt",
-                                         map_location="cpu", weights_only=True))
+    state = torch.load(tmp_path / "out" / "best_model.pt", map_location="cpu",
+                       weights_only=True)
+    cpu_model = vae_for(state, FRAME_SHAPE)
+    cpu_model.load_state_dict(state)
     x = torch.rand(2, *FRAME_SHAPE)
     with torch.no_grad():
         mu_gpu = result.model.encode(x.cuda())[0].cpu()

@@ -25,7 +25,7 @@ from atari_vae.envs import parse_games, to_float
 from atari_vae.jobs import RUN_ID_FILE
 from atari_vae.losses import foreground_mask
 from atari_vae.metrics import game_references, psnr_from_mse, reference_frames
-from atari_vae.model import VAE
+from atari_vae.model import VAE, vae_for
 from atari_vae.objective import foreground_fraction
 from atari_vae.rundir import LOCK_FILE, RUN_TOKEN_FILE
 from atari_vae.train import fit, lr_factor
@@ -87,8 +87,10 @@ def test_every_output_file_is_written(trained):
 
 def test_best_and_final_models_load_as_plain_state_dicts_into_the_documented_vae(trained):
     for name in ("best_model.pt", "final_model.pt"):
-        vae = VAE(input_shape=(3, 64, 64), latent_dim=8)
-        vae.load_state_dict(torch.load(trained.out / name, weights_only=True))
+        state = torch.load(trained.out / name, weights_only=True)
+        vae = vae_for(state)
+        vae.load_state_dict(state)
+        assert vae.latent_dim == 8 and vae.locator is not None  # --loc_weight 30 by default
         x_hat, mu, _ = vae.eval()(atari_vae.preprocess(torch.zeros(210, 160, 3,
                                                                    dtype=torch.uint8)))
         assert x_hat.shape == (1, 3, 64, 64) and mu.shape == (1, 8)
