@@ -158,6 +158,12 @@ class EvaluateConfig:
     probe_frames: int = flag(
         20_000, "Frames of fresh labelled episodes (seed + 200000) for the AtariARI state probe "
         "per annotated game, split by episode 70/10/20 into probe train/val/test; 0 = no probe.")
+    collect_policy: str = flag(
+        "random", "Who plays the scored episodes (and those of their mean frame): random, or a "
+        "registered controller, models:/<name>@<alias> or models:/<name>/<version>, for "
+        "--policy_mix of them; the state probe stays on random-policy episodes.")
+    policy_mix: float = flag(
+        1.0, "Share of the scored episodes the controller plays when --collect_policy names one.")
     device: str = flag("auto", "Compute device.", choices=DEVICE_CHOICES)
     output_dir: str = flag("outputs/vae_evaluation", "Where metrics and plots go.")
     experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
@@ -168,6 +174,7 @@ class EvaluateConfig:
         _non_negative(self, "probe_frames")
         _choice(self, "device", DEVICE_CHOICES, prefix=True)
         _experiment_name(self)
+        _collect_policy(self)
 
 
 @dataclass

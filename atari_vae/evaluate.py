@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from atari_vae import plots, registry, tracking
+from atari_vae import collect_policy, plots, registry, tracking
+from atari_vae.collect_policy import CollectPolicy
 from atari_vae.config import EvaluateConfig
 from atari_vae.data import FrameSet, load_or_collect
 from atari_vae.envs import Game, parse_games, to_float
@@ -63,7 +64,7 @@ class GameResult:
 
 
 def fresh_frames(game: Game, min_frames: int, max_steps: int, seed: int,
-                 progress: bool = True) -> FrameSet:
+                 progress: bool = True, policy: CollectPolicy | None = None) -> FrameSet:
     """At least ``min_frames`` frames of new random-policy episodes; deterministic in the args.
 
     At least one episode per SCORED_FRAMES_PER_EPISODE frames; more when episodes are short,
@@ -71,7 +72,7 @@ def fresh_frames(game: Game, min_frames: int, max_steps: int, seed: int,
     """
     episodes = max(MIN_EPISODES, math.ceil(min_frames / SCORED_FRAMES_PER_EPISODE))
     while True:
-        frames = load_or_collect(game, episodes, max_steps, seed, progress)
+        frames = load_or_collect(game, episodes, max_steps, seed, progress, policy=policy)
         if len(frames) >= min_frames:
             return frames
         per_episode = len(frames) / episodes
@@ -120,11 +121,13 @@ def score_model(model: VAE, frames_uint8: torch.Tensor, mean_frame: torch.Tensor
 
 
 def held_out_set(game: Game, cfg: EvaluateConfig) -> tuple[FrameSet, torch.Tensor, torch.Tensor]:
-    """The frames to score for ``game``, and the mean frame and background of other episodes."""
-    frames = evenly_spaced(fresh_frames(game, cfg.num_samples, cfg.max_steps, cfg.seed),
-                           cfg.num_samples)
+    """The frames to score for ``game``, and the mean frame and background of other episodes
+    (both played as ``--collect_policy``/``--policy_mix`` say)."""
+    policy = collect_policy.resolve(cfg.collect_policy, cfg.policy_mix, game)
+    frames = evenly_spaced(fresh_frames(game, cfg.num_samples, cfg.max_steps, cfg.seed,
+                                        policy=policy), cfg.num_samples)
     reference = fresh_frames(game, cfg.num_samples, cfg.max_steps,
-                             cfg.seed + REFERENCE_SEED_OFFSET)
+                             cfg.seed + REFERENCE_SEED_OFFSET, policy=policy)
     return frames, *reference_frames(reference.frames_uint8)
 
 
@@ -209,7 +212,8 @@ def metrics_document(results: dict[str, dict[str, float]], cfg: EvaluateConfig,
     """metrics.json: run facts, per-game metrics, and for one game the same keys at top level."""
     doc: dict[str, Any] = {"model_path": cfg.model_path, "latent_dim": latent_dim,
                            "seed": cfg.seed, "reference_seed": cfg.seed + REFERENCE_SEED_OFFSET,
-                           "num_samples": cfg.num_samples, "games": results}
+                           "num_samples": cfg.num_samples, "collect_policy": cfg.collect_policy,
+                           "policy_mix": cfg.policy_mix, "games": results}
     if len(results) == 1:
         doc.update(next(iter(results.values())))
     return doc
@@ -300,11 +304,19 @@ def _tags(cfg: EvaluateConfig, games: list[str], latent_dim: int) -> dict[str, s
     is_file = path.is_file()
     tags.update({"evaluated_model": str(path.resolve()) if is_file else cfg.model_path,
                  "evaluated_latent_dim": str(latent_dim)})
+    if cfg.collect_policy != "random":
+        tags["collect_policy"] = f"{cfg.collect_policy} (mix {cfg.policy_mix:g})"
     if cfg.model_path.startswith("runs:/"):
         tags["evaluated_run_id"] = cfg.model_path.split("/")[1]
     elif is_file and (path.parent / RUN_ID_FILE).is_file():
         tags["evaluated_run_id"] = (path.parent / RUN_ID_FILE).read_text().strip()
     return tags
+
+
+def _players(cfg: EvaluateConfig) -> str:
+    if cfg.collect_policy == "random":
+        return "random-policy"
+    return f"{cfg.collect_policy} (mix {cfg.policy_mix:g})"
 
 
 def evaluate_job(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -326,7 +338,7 @@ def evaluate_job(cfg: EvaluateConfig) -> dict[str, Any]:
         per_game = {r.game: r.metrics for r in results}
         doc = _json_safe(metrics_document(per_game, cfg, model.latent_dim))
         header = (f"atari-vae evaluation of {cfg.model_path} (latent_dim {model.latent_dim})\n"
-                  f"{cfg.num_samples} frames per game from fresh random-policy episodes, seed "
+                  f"{cfg.num_samples} frames per game from fresh {_players(cfg)} episodes, seed "
                   f"{cfg.seed}; mean frame and background from seed "
                   f"{cfg.seed + REFERENCE_SEED_OFFSET}")
         atomic_write_text(out / "metrics.txt", format_table(per_game, header))

@@ -195,7 +195,7 @@ def _loss_terms(model, x, mean_frame, background, cfg,
                 dtype) -> tuple[LossTerms, torch.Tensor]:
     """(the training objective (``losses`` docstring) for frames of these references, x_hat);
     z is sampled in training mode and the posterior mean in eval mode. The locator reads the
-    posterior mean, what a planner reads: from a sampled z it stayed at chance (see README)."""
+    posterior mean, which is what a planner and the state probe read."""
     with autocast(x.device, dtype):
         mu, logvar = model.encode(x)
         z = model.reparameterize(mu, logvar)

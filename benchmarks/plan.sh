@@ -9,23 +9,34 @@
 # Then `atari-vae plan` trains ours and the control, tests both and the random policy, and
 # registers atari-vae-<game>-controller. Each game's table is outputs/plan-<game>/summary.txt;
 # wall times are in its scores.json (metrics) and the MLflow run. PYTHON overridable.
+#   VAE_FLAGS="--loc_weight 0" bash benchmarks/plan.sh    # the quick VAE as in the first table
+#   VAE_MODEL=outputs/probe/Breakout-loc30-60ep/train/best_model.pt FEATURES=mu_delta \
+#     MLFLOW_TRACKING_URI=sqlite:///outputs/plan-loc.db bash benchmarks/plan.sh Breakout
+#       registers that model file instead (into its own store), plans with those features
 set -euo pipefail
 cd "$(dirname "$0")/.."
 games=${*:-Breakout Pong}
 py=${PYTHON:-.venv/bin/python}
 export MLFLOW_DISABLE_TELEMETRY=true
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+uri=$MLFLOW_TRACKING_URI
 for game in $games; do
   lower=$(echo "$game" | tr '[:upper:]' '[:lower:]')
-  if ! $py -c "import mlflow, sys; mlflow.set_tracking_uri('sqlite:///mlflow.db'); \
+  out=outputs/plan-$lower${FEATURES:+-$FEATURES}
+  if ! $py -c "import mlflow, sys; mlflow.set_tracking_uri('$uri'); \
 mlflow.MlflowClient().get_model_version_by_alias('atari-vae-$lower', 'champion')" 2>/dev/null
   then
-    $py -m atari_vae train --env_name "$game" --num_episodes 5 --epochs 10 --batch_size 32 \
-      --output_dir "outputs/vae-$lower" --experiment_name atari-vae-plan
-    $py -m atari_vae register --model_path "outputs/vae-$lower/best_model.pt" \
-      --env_name "$game" --experiment_name atari-vae-plan
+    model=${VAE_MODEL:-outputs/vae-$lower/best_model.pt}
+    if [ -z "${VAE_MODEL:-}" ]; then
+      # shellcheck disable=SC2086  # VAE_FLAGS is a list of flags
+      $py -m atari_vae train --env_name "$game" --num_episodes 5 --epochs 10 --batch_size 32 \
+        --output_dir "outputs/vae-$lower" --experiment_name atari-vae-plan ${VAE_FLAGS:-}
+    fi
+    $py -m atari_vae register --model_path "$model" --env_name "$game" \
+      --experiment_name atari-vae-plan
   fi
   /usr/bin/time -f "$game plan wall %e s" $py -m atari_vae plan --env_name "$game" \
-    --time_budget_minutes "${BUDGET:-6}" --output_dir "outputs/plan-$lower" \
+    --time_budget_minutes "${BUDGET:-6}" --output_dir "$out" --features "${FEATURES:-mu}" \
     --experiment_name atari-vae-plan
-  cat "outputs/plan-$lower/summary.txt"
+  cat "$out/summary.txt"
 done

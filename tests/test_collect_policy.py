@@ -101,3 +101,18 @@ def test_bad_collect_policy_flags_are_refused_in_one_line(flags, fragment):
 def test_a_missing_controller_says_how_to_make_one(champion_vae):
     with pytest.raises(AtariVaeError, match="no registered model 'nope-controller'"):
         collect_policy.resolve("models:/nope-controller@champion", 0.5, BREAKOUT)
+
+
+def test_evaluate_scores_frames_of_controller_played_episodes_and_records_the_policy(
+        controller, tmp_path):
+    from atari_vae.config import EvaluateConfig
+    from atari_vae.evaluate import evaluate_job, held_out_set
+
+    flags = dict(model_path="models:/atari-vae-breakout@champion", num_samples=40,
+                 max_steps=40, probe_frames=0, device="cpu", output_dir=str(tmp_path / "ev"))
+    played = EvaluateConfig(**flags, collect_policy=URI)
+    random_frames = held_out_set(BREAKOUT, EvaluateConfig(**flags))[0].frames_uint8[:]
+    assert not np.array_equal(held_out_set(BREAKOUT, played)[0].frames_uint8[:], random_frames)
+    doc = evaluate_job(played)
+    assert doc["collect_policy"] == URI and doc["policy_mix"] == 1.0
+    assert mlflow.get_run(doc["run_id"]).data.tags["collect_policy"] == f"{URI} (mix 1)"
