@@ -305,7 +305,7 @@ def _tags(cfg: EvaluateConfig, games: list[str], latent_dim: int) -> dict[str, s
     tags.update({"evaluated_model": str(path.resolve()) if is_file else cfg.model_path,
                  "evaluated_latent_dim": str(latent_dim)})
     if cfg.collect_policy != "random":
-        tags["collect_policy"] = f"{cfg.collect_policy} (mix {cfg.policy_mix:g})"
+        tags["collect_policy"] = _players(cfg)
     if cfg.model_path.startswith("runs:/"):
         tags["evaluated_run_id"] = cfg.model_path.split("/")[1]
     elif is_file and (path.parent / RUN_ID_FILE).is_file():

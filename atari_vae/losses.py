@@ -25,14 +25,15 @@ import torch
 from torch.nn import functional as nn_f
 
 FG_THRESHOLD = 0.1
-RARE_DEVIATION = 0.02  # mean frame within this of the background: a usually-empty pixel
-# (0.05 let fragments of Breakout's score digit in, shown in a third of the frames)
-# Where the ball-finding terms look: stricter, as 0.02 still let a lives-digit fragment in,
-# a small object in most Breakout frames; the ball passes each pixel in under 1 % of frames.
+# Where the ball-finding terms look: stricter than the object metric's RARE_DEVIATION (0.02),
+# which still let a lives-digit fragment in, a small object in most Breakout frames; the ball
+# passes each pixel in under 1 % of frames.
 EMPTY_DEVIATION = 0.005
 OBJECT_SCALES_PX = (1.0, 2.0, 4.0)
 OBJECT_REACH_PX = 6  # how far from a small object a drawn one still earns the object term
-SMALL_OBJECT_MAX_PIXELS = 4  # the ball and shots; the paddle has more
+# A ball or bullet is 1-4 pixels at 64x64 (Breakout's 2x4 ball, Pong's 2x4 ball, Space
+# Invaders' 1x8 shots become 1x1 to 1x3); the paddle, invaders and digits are larger.
+SMALL_OBJECT_MAX_PIXELS = 4
 
 
 class LossTerms(NamedTuple):
@@ -148,13 +149,14 @@ def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
              weights: torch.Tensor | float = 1.0, kl_weight: float = 1.0,
-             free_bits: float = 0.0, object_term: torch.Tensor | float = 0.0) -> LossTerms:
+             free_bits: float = 0.0, extra_recon: torch.Tensor | float = 0.0) -> LossTerms:
     """Weighted negative ELBO for a batch; see the module docstring for the formula.
 
-    ``object_term``: obj_weight * object_error per image (N,), or 0 when off.
+    ``extra_recon``: the weighted ball terms per image (N,) (obj_weight * object_error +
+    loc_weight * locator_error), or 0 when both are off.
     """
     recon = ((weights * (x_hat.float() - x).pow(2)).sum(dim=(1, 2, 3))
-             + object_term).mean()
+             + extra_recon).mean()
     kl_dims = kl_per_dim(mu.float(), logvar.float())
     kl = kl_dims.sum()
     penalised = kl_dims.clamp(min=free_bits).sum() if free_bits > 0 else kl

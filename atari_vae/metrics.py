@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from atari_vae.envs import to_float
-from atari_vae.losses import RARE_DEVIATION, SMALL_OBJECT_MAX_PIXELS, foreground_mask
+from atari_vae.losses import SMALL_OBJECT_MAX_PIXELS, foreground_mask
 from atari_vae.store import FrameRows
 
 ACCURACY_TOLERANCE = 0.1
-# A ball or bullet is 1-4 pixels at 64x64 (Breakout's 2x4 ball, Pong's 2x4 ball, Space
-# Invaders' 1x8 shots become 1x1 to 1x3); the paddle, invaders and digits are larger.
 METRIC_KEYS = ("mse", "psnr", "accuracy", "fg_mse", "fg_psnr", "fg_accuracy",
                "psnr_median", "psnr_p05", "object_recall")
+RARE_DEVIATION = 0.02  # mean frame vs background: a spot that is usually background
+# (0.05 let fragments of Breakout's score digit in, shown in a third of the frames)
 # Components never connect across frames: a 3x3 neighbourhood within each frame only.
 _PER_FRAME_3X3 = np.zeros((3, 3, 3), dtype=bool)
 _PER_FRAME_3X3[1] = True

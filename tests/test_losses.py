@@ -161,10 +161,10 @@ def test_object_error_ignores_pixels_that_are_usually_not_background():
     assert object_error(background, _one_dot(10, 10), background, region).item() > 0.0
 
 
-def test_object_term_adds_to_the_reconstruction_term_per_image():
+def test_the_ball_terms_add_to_the_reconstruction_term_per_image():
     x = _images()
     terms = vae_loss(x, x, torch.zeros(2, 4), torch.zeros(2, 4),
-                     object_term=torch.tensor([2.0, 4.0]))
+                     extra_recon=torch.tensor([2.0, 4.0]))
     assert terms.recon.item() == pytest.approx(3.0)
 
 
