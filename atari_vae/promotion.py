@@ -27,13 +27,13 @@ from typing import Any, TypeVar
 import torch
 
 from atari_vae import registry, tracking
+from atari_vae.collect import COLLECTOR_VERSION
 from atari_vae.config import (
     FLOOR_FG_ACCURACY_MARGIN,
     FLOOR_PSNR_MARGIN_DB,
     SELECTION_SEED,
     EvaluateConfig,
 )
-from atari_vae.data import COLLECTOR_VERSION
 from atari_vae.envs import Game
 from atari_vae.errors import AtariVaeError
 from atari_vae.metrics import mean_balanced_psnr

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from atari_vae import plots
 from atari_vae.config import TrainConfig
-from atari_vae.data import FrameSet, balanced_order
+from atari_vae.data import FrameSet, balanced_order, epoch_length
 from atari_vae.envs import FRAME_SHAPE, parse_games, to_float
 from atari_vae.errors import AtariVaeError, NonFiniteLossError
 from atari_vae.files import atomic_path, load_error_reason, remove_partial_files
@@ -105,8 +105,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
     # The schedule is the one the run started with; epochs added on resume run at its end rate.
     state = TrainingState(history=[], run_token=run_token,
                           schedule_epochs=schedule_epochs(ckpt) if ckpt else cfg.epochs)
-    epoch_frames = len(train_set.games) * int(torch.bincount(train_set.game_ids).max())
-    steps_per_epoch = math.ceil(epoch_frames / cfg.batch_size)
+    steps_per_epoch = math.ceil(epoch_length(train_set.game_ids) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_factor,
                                      total_steps=state.schedule_epochs * steps_per_epoch,

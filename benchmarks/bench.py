@@ -120,8 +120,7 @@ def bench_train(ctx: dict) -> None:
     """images/s of the real training step (train._train_epoch) per precision, layout, threads."""
     from atari_vae import train
     from atari_vae.config import TrainConfig
-    from atari_vae.metrics import reference_frames
-    from atari_vae.model import VAE
+    from atari_vae.metrics import game_references
 
     train_set, _ = bench_frames(ctx)
     flops = flops_per_image()
@@ -129,14 +128,14 @@ def bench_train(ctx: dict) -> None:
     cfg = TrainConfig(batch_size=128)
     subset = train_set.subset(torch.arange(min(len(train_set), 8 * cfg.batch_size)))
     warm = train_set.subset(torch.arange(2 * cfg.batch_size))
-    _, background = reference_frames(subset.frames_uint8)
+    refs = game_references(subset.frames_uint8, subset.game_ids, 1)
     for threads in thread_counts():
         torch.set_num_threads(threads)
         for name, dtype in PRECISIONS.items():
             for layout in ("contiguous", "channels_last"):
                 torch.manual_seed(0)
-                model = VAE(latent_dim=cfg.latent_dim)
-                model.init_output_bias(background)
+                model = train._build(cfg)  # the default VAE, locator included
+                model.init_output_bias(refs.backgrounds)
                 if layout == "channels_last":
                     model = model.to(memory_format=torch.channels_last)
                 opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -145,7 +144,7 @@ def bench_train(ctx: dict) -> None:
 
                 def epoch(data=subset, model=model, opt=opt, sched=sched, gen=gen, dtype=dtype):
                     train._train_epoch(model, opt, sched, data.frames_uint8, data.game_ids,
-                                       background, cfg, gen, dtype)
+                                       refs, cfg, gen, dtype)
 
                 epoch(warm)
                 seconds = min(median_time(epoch, 1, 0) for _ in range(2))
@@ -179,11 +178,11 @@ def emulator_rate(game, envs: int, batch: int, **overrides) -> float:
 
 def bench_collect(ctx: dict) -> None:
     """frames/s of data.collect_episodes (no cache) beside the bare emulator's steady rate."""
-    from atari_vae import data
+    from atari_vae import collect, data
     from atari_vae.envs import resolve_game
 
     game = resolve_game("Breakout")
-    for envs in (data.FEW_ENVS, data.MANY_ENVS):
+    for envs in (collect.FEW_ENVS, collect.MANY_ENVS):
         row("collect", f"emulator alone, {envs} envs, asynchronous as collected",
             emulator_rate(game, envs, envs // 2), "frames/s",
             "64x64 RGB resized in ALE's C++ threads; steady state, random actions")
@@ -198,7 +197,7 @@ def bench_collect(ctx: dict) -> None:
         frames = data.collect_episodes(game, episodes, 1000, 42, progress=False)
         rate = len(frames) / (time.perf_counter() - started)
         row("collect", f"collect_episodes, {episodes} Breakout episodes", rate, "frames/s",
-            f"{len(frames)} frames, {data.collect_env_count(episodes)} envs, incl. start-up; "
+            f"{len(frames)} frames, {collect.collect_env_count(episodes)} envs, incl. start-up; "
             f"target >= 4000")
 
 

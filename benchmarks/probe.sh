@@ -3,6 +3,7 @@
 # the ball survives the 64x64 preprocessing. Usage:
 #   bash benchmarks/probe.sh [games...]            # default: Breakout
 #   VARIANTS="ours freebits obj30 broadcast+obj30" bash benchmarks/probe.sh Breakout
+#   DEFAULTS=1 SURVIVAL=0 bash benchmarks/probe.sh Breakout    # at the default settings
 # Each variant trains `atari-vae train --num_episodes 20 --epochs 15` (+ its flags) and is scored
 # by `atari-vae evaluate` (1000 scored frames, 20,000 probe frames, both from fresh episodes);
 # the table lists every run under outputs/probe. PYTHON and ATARI_VAE overridable.
@@ -34,7 +35,11 @@ for game in $games; do
     done
     epochs=${EPOCHS:-15}  # EPOCHS=60: longer runs, named <game>-<variant>-60ep
     dir=$root/$game-$variant$([ "$epochs" = 15 ] || echo "-${epochs}ep")
-    [ -f "$dir/train/final_model.pt" ] || $vae train --env_name "$game" --num_episodes 20 --epochs "$epochs" $extra \
+    budget="--num_episodes 20 --epochs $epochs"
+    if [ "${DEFAULTS:-0}" = 1 ]; then  # the project's default settings: <game>-<variant>-default
+      budget="" dir=$root/$game-$variant-default
+    fi
+    [ -f "$dir/train/final_model.pt" ] || $vae train --env_name "$game" $budget $extra \
       --output_dir "$dir/train" --checkpoint_freq 1000 --experiment_name atari-vae-probe
     $vae evaluate --model_path "$dir/train/best_model.pt" --env_name "$game" \
       --output_dir "$dir/eval" --experiment_name atari-vae-probe

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from atari_vae import collect_policy, policy_registry, tracking
+from atari_vae.collect import play_episodes
 from atari_vae.config import TrainConfig
 from atari_vae.controller import LinearController, n_params
-from atari_vae.data import cache_dir, cache_key, play_episodes
+from atari_vae.data import cache_dir, cache_key
 from atari_vae.envs import resolve_game
 from atari_vae.errors import AtariVaeError, ConfigError
 from atari_vae.jobs import train_job

@@ -1,0 +1,33 @@
+"""The benchmark scripts still run against the package they measure (tiny sizes, real parts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+STORE_BENCH = REPO / "benchmarks" / "store_bench.py"
+
+
+def _run(*args: str) -> object:
+    done = subprocess.run([sys.executable, str(STORE_BENCH), *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_store_bench_trains_from_the_store_and_from_ram_with_the_default_model():
+    result = _run("ab", "--episodes", "3", "--steps", "2", "--rounds", "1")
+    assert set(result["images_per_s"]) == {"store", "ram"}
+    assert all(rates[0] > 0 for rates in result["images_per_s"].values())
+    row = _run("train", "--episodes", "3", "--steps", "2", "--mode", "store")
+    assert row["images_per_s"] > 0 and row["epoch_images"] == row["train_frames"]
+
+
+def test_store_bench_counts_every_process_frames_when_collection_is_split():
+    rows = _run("procs", "--games", "Breakout", "--episodes", "2", "--procs", "1,2")
+    assert [r["processes"] for r in rows] == [1, 2]
+    assert all(r["frames"] > 2 and r["frames_per_s"] > 0 for r in rows)
