@@ -236,7 +236,7 @@ def _validate(model, val: ValFrames, refs: GameReferences, cfg, dtype) -> dict[s
     """Validation loss terms (z = posterior mean) and the classic metrics on held-out episodes."""
     model.eval()
     sums = torch.zeros(3, device=val.frames_uint8.device)
-    scorer = Scorer()
+    scorer = Scorer(count_objects=False)  # the epoch's figures do not include object recall
     for x, mean_frame, background in _batches(val, refs, EVAL_BATCH):
         terms, x_hat = _loss_terms(model, x, mean_frame, background, cfg, dtype)
         sums += torch.stack(list(terms)) * len(x)

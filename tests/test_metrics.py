@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from atari_vae.metrics import (
+    Scorer,
     game_references,
     psnr_from_mse,
     reference_frames,
@@ -159,6 +160,20 @@ def test_object_recall_counts_small_objects_shown_within_one_pixel(recon, recall
     assert m["objects_per_frame"] == 1.0
     assert m["object_recall"] == recall
     assert m["baseline_object_recall"] == 0.0
+
+
+def test_a_scorer_without_objects_gives_the_same_pixel_metrics_and_no_object_recall():
+    frames = _frames_with_square(n=4, size=2)
+    black = torch.zeros(1, *SHAPE)
+    recon = _shifted(1)(frames)
+    full, pixels_only = Scorer(), Scorer(count_objects=False)
+    for scorer in (full, pixels_only):
+        scorer.update(recon, frames, black, black)
+    with_objects, without = full.compute(), pixels_only.compute()
+    assert with_objects["object_recall"] == 1.0
+    assert math.isnan(without["object_recall"]) and without["objects_per_frame"] == 0.0
+    for key in ("psnr", "accuracy", "fg_psnr", "fg_accuracy", "baseline_psnr"):
+        assert without[key] == with_objects[key]
 
 
 def test_only_small_components_where_the_scene_is_usually_background_are_objects():
