@@ -194,7 +194,7 @@ class Scorer:
     """Model and mean-frame baseline metrics, accumulated batch by batch."""
 
     def __init__(self, count_objects: bool = True) -> None:
-        """``count_objects=False``: no object recall (its labelling is ~25 % of the cost)."""
+        """``count_objects=False``: no object recall (it labels every batch with scipy)."""
         self.model, self.baseline = ReconstructionMetrics(), ReconstructionMetrics()
         self.count_objects = count_objects
 
