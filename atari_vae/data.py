@@ -245,7 +245,7 @@ def balanced_order(game_ids: torch.Tensor, generator: torch.Generator) -> torch.
     counts = torch.bincount(game_ids)
     if len(counts) == 1:
         return torch.randperm(len(game_ids), generator=generator)
-    share = len(game_ids) // len(counts)
+    share = epoch_length(game_ids) // len(counts)
     per_game = []
     for game_index, count in enumerate(counts.tolist()):
         members = (game_ids == game_index).nonzero().squeeze(1)
@@ -258,5 +258,5 @@ def balanced_order(game_ids: torch.Tensor, generator: torch.Generator) -> torch.
 
 def epoch_length(game_ids: torch.Tensor) -> int:
     """Frames in one epoch of ``balanced_order``."""
-    n_games = len(torch.bincount(game_ids)) if len(game_ids) else 1
-    return len(game_ids) if n_games == 1 else len(game_ids) // n_games * n_games
+    n_games = max(1, len(torch.bincount(game_ids)))
+    return len(game_ids) // n_games * n_games

@@ -98,6 +98,17 @@ def collect(games: list[str], episodes: int) -> dict:
     return result
 
 
+def _fresh_model(cfg, refs):
+    """The default VAE (seed 0) as training builds it, Adam, and a flat learning rate."""
+    from atari_vae import train as training
+
+    torch.manual_seed(0)
+    model = training._build(cfg)
+    model.init_output_bias(refs.backgrounds[:1])
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
 def train(games: list[str], episodes: int, mode: str, steps: int, precision: str) -> dict:
     """images/s of ``steps`` real training steps (train._train_epoch), batch 128."""
     from atari_vae import train as training
@@ -122,11 +133,7 @@ def train(games: list[str], episodes: int, mode: str, steps: int, precision: str
         pick = torch.randint(len(train_set), (steps * BATCH,),
                              generator=torch.Generator().manual_seed(0))
         sample = FrameRows.of(train_set.frames_uint8, pick)
-        torch.manual_seed(0)
-        model = training._build(cfg)
-        model.init_output_bias(refs.backgrounds[:1])
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        model, opt, sched = _fresh_model(cfg, refs)
 
         def run(rows: FrameRows) -> float:
             started = time.perf_counter()
@@ -166,11 +173,7 @@ def ab(games: list[str], episodes: int, steps: int, rounds: int, precision: str)
                "ram": FrameRows.of(train_set.frames_uint8[pick])}
     game_ids = train_set.game_ids[pick]
     refs = game_references(sources["ram"][:], game_ids, len(games))
-    torch.manual_seed(0)
-    model = training._build(cfg)
-    model.init_output_bias(refs.backgrounds[:1])
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    model, opt, sched = _fresh_model(cfg, refs)
     result = {"episodes": episodes, "steps": steps, "precision": str(dtype)[6:],
               "gather_ms": {}, "images_per_s": {}, "load": os.getloadavg()[0]}
     for name, rows in sources.items():  # cold: the store's pages come from disk or page cache
@@ -200,11 +203,11 @@ def play(game_name: str, episodes: int, seed: int) -> dict:
     from atari_vae.collect import play_episodes
     from atari_vae.envs import resolve_game
 
-    frames = [0]
+    lengths: list[int] = []
     started = time.perf_counter()
     play_episodes(resolve_game(game_name), episodes, MAX_STEPS, seed,
-                  lambda _, f: frames.__setitem__(0, frames[0] + len(f)), progress=False)
-    return {"frames": frames[0], "seconds": time.perf_counter() - started}
+                  lambda _, frames: lengths.append(len(frames)), progress=False)
+    return {"frames": sum(lengths), "seconds": time.perf_counter() - started}
 
 
 def procs(game_name: str, episodes: int, counts: list[int]) -> list:
@@ -230,8 +233,7 @@ def procs(game_name: str, episodes: int, counts: list[int]) -> list:
         frames = sum(r["frames"] for r in results)
         rows.append({"processes": count, "episodes": episodes, "frames": frames,
                      "wall_s": round(wall, 1), "frames_per_s": round(frames / wall),
-                     "cpu_s": round(cpu, 1),
-                     "load": os.getloadavg()[0]})
+                     "cpu_s": round(cpu, 1), "load": os.getloadavg()[0]})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -253,8 +255,7 @@ def table(games: list[str], episode_counts: list[int], steps: int, modes: list[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["collect", "train", "table", "ab", "procs",
-                                                    "play"])
+    parser.add_argument("what", choices=["collect", "train", "table", "ab", "procs", "play"])
     parser.add_argument("--games", default="Breakout")
     parser.add_argument("--episodes", default="20")
     parser.add_argument("--mode", default="store", choices=["store", "ram"])

@@ -37,6 +37,22 @@ def isolated_env(tmp_path: Path, frame_cache: Path, monkeypatch: pytest.MonkeyPa
         mlflow.end_run()
 
 
+def same_frames(a, b) -> bool:
+    """Two FrameSets hold the same frames, episode ids, steps, game ids and games."""
+    import dataclasses
+
+    import torch
+
+    from atari_vae.data import FrameSet
+    from atari_vae.store import FrameRows
+
+    def tensor(values):
+        return values[:] if isinstance(values, FrameRows) else values
+
+    return all(torch.equal(tensor(getattr(a, f.name)), tensor(getattr(b, f.name)))
+               for f in dataclasses.fields(FrameSet) if f.name != "games") and a.games == b.games
+
+
 def tiny_train_flags(output_dir: Path | str, **overrides: object) -> dict[str, object]:
     """TrainConfig kwargs for a real but seconds-long run: 3 short Breakout episodes, 2 epochs."""
     flags = dict(env_name="Breakout", num_episodes=3, max_steps=60, epochs=2, batch_size=32,

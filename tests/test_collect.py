@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from atari_vae.collect import chain_length
-from atari_vae.data import FrameSet, collect_episodes
+from atari_vae.data import collect_episodes
 from atari_vae.envs import resolve_game
+from tests.conftest import same_frames
 
 BREAKOUT = resolve_game("Breakout")
-
-
-def _same(a: FrameSet, b: FrameSet) -> bool:
-    return all(torch.equal(getattr(a, f.name), getattr(b, f.name))
-               for f in dataclasses.fields(FrameSet) if f.name != "games") and a.games == b.games
 
 
 def test_collection_is_deterministic_for_a_seed_and_differs_between_seeds():
     first = collect_episodes(BREAKOUT, 3, 40, seed=5, progress=False)
     again = collect_episodes(BREAKOUT, 3, 40, seed=5, progress=False)
     other = collect_episodes(BREAKOUT, 3, 40, seed=6, progress=False)
-    assert _same(first, again)
+    assert same_frames(first, again)
     assert not torch.equal(first.frames_uint8[:len(other)], other.frames_uint8[:len(first)])
 
 
@@ -32,7 +26,7 @@ def test_frames_of_a_seed_do_not_depend_on_how_many_envs_play_them():
     assert chain_length(20) == 2
     reference = collect_episodes(BREAKOUT, 20, 60, seed=3, progress=False)
     for num_envs in (1, 3):
-        assert _same(collect_episodes(BREAKOUT, 20, 60, seed=3, progress=False,
+        assert same_frames(collect_episodes(BREAKOUT, 20, 60, seed=3, progress=False,
                                       num_envs=num_envs), reference)
 
 

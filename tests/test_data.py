@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -16,7 +15,6 @@ import pytest
 import torch
 
 from atari_vae.data import (
-    FrameSet,
     balanced_order,
     cache_dir,
     cache_key,
@@ -28,6 +26,7 @@ from atari_vae.data import (
 )
 from atari_vae.envs import resolve_game
 from atari_vae.store import INDEX_FILE, FrameRows
+from tests.conftest import same_frames
 
 BREAKOUT = resolve_game("Breakout")
 PONG = resolve_game("Pong")
@@ -39,15 +38,6 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "cache"
     monkeypatch.setenv("ATARI_VAE_CACHE_DIR", str(path))
     return path
-
-
-def _same(a: FrameSet, b: FrameSet) -> bool:
-    return all(torch.equal(_tensor(getattr(a, f.name)), _tensor(getattr(b, f.name)))
-               for f in dataclasses.fields(FrameSet) if f.name != "games") and a.games == b.games
-
-
-def _tensor(values: torch.Tensor | FrameRows) -> torch.Tensor:
-    return values[:] if isinstance(values, FrameRows) else values
 
 
 def _store(cache: Path) -> Path:
@@ -65,7 +55,7 @@ def test_cache_hit_returns_identical_frames_without_collecting_again(private_cac
     stamps = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
     collected = []
     again = load_or_collect(BREAKOUT, 3, 40, seed=2, progress=False, on_episode=collected.append)
-    assert _same(first, again) and collected == []
+    assert same_frames(first, again) and collected == []
     assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == stamps
 
 
@@ -114,8 +104,8 @@ def test_an_unreadable_store_is_reported_in_one_line_and_collected_again(private
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "unreadable frame store" in warnings[0]
     assert "\n" not in warnings[0] and store.name in warnings[0]
-    assert _same(first, again)
-    assert _same(load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False), first)
+    assert same_frames(first, again)
+    assert same_frames(load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False), first)
     assert not [p for p in store.iterdir() if ".partial-" in p.name]  # no temp files left
 
 
@@ -129,7 +119,7 @@ def test_an_old_npz_cache_is_refused_in_one_line_and_never_used(private_cache, c
         frames = load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and old.name in warnings[0] and "older collector" in warnings[0]
-    assert _same(frames, collect_episodes(BREAKOUT, 2, 30, seed=3, progress=False))
+    assert same_frames(frames, collect_episodes(BREAKOUT, 2, 30, seed=3, progress=False))
     assert old.exists()  # the user's file: reported, not deleted
 
 
@@ -141,7 +131,7 @@ def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_run(
         frames = load_or_collect(BREAKOUT, 2, 30, seed=3, progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "temporary store" in warnings[0]
-    assert _same(frames, collect_episodes(BREAKOUT, 2, 30, seed=3, progress=False))
+    assert same_frames(frames, collect_episodes(BREAKOUT, 2, 30, seed=3, progress=False))
 
 
 class Interrupted(Exception):
@@ -177,7 +167,7 @@ def test_an_interrupted_collection_resumes_where_it_stopped_and_equals_an_uninte
     resumed = load_or_collect(BREAKOUT, 12, 300, seed=7, progress=False,
                               on_episode=resumed_episodes.append)
     assert sorted(resumed_episodes) == sorted(set(range(12)) - set(stored))  # none twice
-    assert _same(resumed, collect_episodes(BREAKOUT, 12, 300, seed=7, progress=False))
+    assert same_frames(resumed, collect_episodes(BREAKOUT, 12, 300, seed=7, progress=False))
     assert resumed.episode_ids.unique_consecutive().tolist() == list(range(12))
 
 
@@ -208,7 +198,7 @@ def test_a_collection_killed_with_sigkill_resumes_to_the_uninterrupted_store(pri
     resumed = load_or_collect(BREAKOUT, 20, 60, seed=8, progress=False,
                               on_episode=resumed_episodes.append)
     assert sorted(resumed_episodes) == sorted(set(range(20)) - set(stored))
-    assert _same(resumed, collect_episodes(BREAKOUT, 20, 60, seed=8, progress=False))
+    assert same_frames(resumed, collect_episodes(BREAKOUT, 20, 60, seed=8, progress=False))
 
 
 @pytest.mark.parametrize("change", [dict(game=PONG), dict(num_episodes=4), dict(max_steps=41),
