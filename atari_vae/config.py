@@ -45,7 +45,7 @@ class DataConfig:
         "Breakout",
         "Game: short name in any case (Breakout, space_invaders) or id (ALE/Breakout-v5); "
         "comma-separated for a balanced multi-game mix.")
-    num_episodes: int = flag(100, "Random-policy episodes to collect per game.")
+    num_episodes: int = flag(300, "Random-policy episodes to collect per game.")
     max_steps: int = flag(1000, "Longest episode kept, in agent steps (frameskip 4).")
     seed: int = flag(42, "Seed for collection, the train/val split, init and batch order.")
 
@@ -65,7 +65,12 @@ class TrainConfig(DataConfig):
         "deconv", "Decoder: deconv (four stride-2 deconvolutions from a 4x4 grid) or broadcast "
         "(deconv plus a spatial broadcast path that places small objects).", choices=DECODERS)
     batch_size: int = flag(128, "Frames per optimisation step.")
-    epochs: int = flag(100, "Passes over the training frames.")
+    epochs: int = flag(
+        0, "Passes over the training frames; 0 = as many whole passes as it takes to reach "
+        "--train_steps optimizer steps (so a run's length barely depends on the game).")
+    train_steps: int = flag(
+        2000, "With --epochs 0: optimizer steps the run is sized for, rounded up to whole "
+        "passes over the training frames.")
     lr: float = flag(
         2e-3, "Adam learning rate: linear warm-up over the first epoch, then cosine decay to 5%.")
     val_split: float = flag(0.1, "Share of episodes held out for validation, in (0, 1).")
@@ -113,7 +118,8 @@ class TrainConfig(DataConfig):
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
         _validate_common(self)
-        _positive(self, "latent_dim", "batch_size", "epochs", "checkpoint_freq")
+        _positive(self, "latent_dim", "batch_size", "train_steps", "checkpoint_freq")
+        _non_negative(self, "epochs")
         _positive(self, "lr", "fg_weight")
         _non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight")
         if not 0.0 < self.val_split < 1.0:
@@ -184,7 +190,7 @@ class TuneConfig(TrainConfig):
     # Inherited but meaningless here: a study continues from its storage, not from --resume,
     # and each trial draws its own latent_dim and kl_weight.
     NOT_FLAGS: ClassVar[tuple[str, ...]] = ("resume", "latent_dim", "kl_weight",
-                                            "collect_policy", "policy_mix")
+                                            "collect_policy", "policy_mix", "train_steps")
 
     num_episodes: int = flag(20, "Random-policy episodes to collect per game (once per study).")
     epochs: int = flag(10, "Training epochs per trial.")
@@ -212,6 +218,7 @@ class TuneConfig(TrainConfig):
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
         super().validate()
+        _positive(self, "epochs")  # the pruner's warm-up and the trials' length need a number
         _non_negative(self, "n_trials", "timeout")
         if self.n_trials == 0 and self.timeout == 0:
             raise ConfigError("--n_trials must be at least 1 (or give --timeout), got 0")

@@ -19,6 +19,7 @@ from atari_vae.rundir import (
     recorded_token,
 )
 from atari_vae.runtime import resolve_device
+from atari_vae.schedule import planned
 from atari_vae.train import TrainResult, fit, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _tracked_training(cfg: TrainConfig, games: list[Game], run_token: str, train
             tracking.log_config(cfg)
         if lost:
             tracking.set_tags({"resumed_from_run_id": lost})
-        if cfg.epochs != trained_for:  # a param cannot change: the tag says what ran
+        if cfg.epochs and cfg.epochs != trained_for:  # a param cannot change: a tag says so
             tracking.set_tags({"epochs_extended_to": cfg.epochs})
         if policy:  # the version the alias named when the frames were collected
             tracking.set_tags({"collect_policy": policy.key})
@@ -76,13 +77,15 @@ def _tracked_training(cfg: TrainConfig, games: list[Game], run_token: str, train
         frames = load_games(games, cfg.num_episodes, cfg.max_steps, cfg.seed, policy=policy)
         train_set, val_set = split_by_episode(frames, cfg.val_split, cfg.seed)
         tracking.log_metrics({"n_train_frames": len(train_set), "n_val_frames": len(val_set)})
+        if not cfg.epochs and not run_id:  # --epochs 0: the number --train_steps made
+            tracking.log_params({"epochs_planned": planned(cfg, train_set).epochs})
         result = fit(cfg, train_set, val_set, tracking.MlflowTrainHooks(), run_token)
         tracking.log_files(list(result.files.values()))
         registry.log_vae_model(result.model, {"game": ",".join(g.title for g in games),
                                               "kl_weight": cfg.kl_weight,
                                               "fg_weight": cfg.fg_weight},
                                metrics={**result.val_metrics, "best_epoch": result.best_epoch},
-                               step=cfg.epochs)
+                               step=int(result.history[-1]["epoch"]))
         log.info("run %s: psnr %.2f dB (mean frame %.2f), fg_accuracy %.3f (mean frame %.3f)",
                  run.info.run_id, result.val_metrics["psnr"], result.val_metrics["baseline_psnr"],
                  result.val_metrics["fg_accuracy"], result.val_metrics["baseline_fg_accuracy"])

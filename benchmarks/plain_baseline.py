@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from atari_vae.config import TrainConfig
 from atari_vae.losses import pixel_weights, vae_loss
 from atari_vae.model import VAE
-from atari_vae.train import GRAD_CLIP_NORM, lr_factor
+from atari_vae.schedule import lr_factor
+from atari_vae.train import GRAD_CLIP_NORM
 
 
 def collect(env_id: str, num_episodes: int, max_steps: int, seed: int) -> list[torch.Tensor]:

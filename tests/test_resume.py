@@ -19,7 +19,7 @@ from atari_vae import cli
 from atari_vae.config import TrainConfig
 from atari_vae.files import PARTIAL
 from atari_vae.jobs import RUN_ID_FILE
-from atari_vae.train import MIN_LR_FACTOR
+from atari_vae.schedule import MIN_LR_FACTOR
 from tests.conftest import tiny_train_flags
 from tests.test_model import _Payload
 from tests.test_train import cli_args
@@ -313,3 +313,24 @@ def test_a_larger_epochs_extends_the_run_at_the_final_rate_of_its_schedule(tmp_p
     assert run.info.status == "FINISHED" and (out / RUN_ID_FILE).read_text().strip() == run_id
     assert run.data.params["epochs"] == "2" and run.data.tags["epochs_extended_to"] == "4"
     assert [m.step for m in MlflowClient().get_metric_history(run_id, "val/loss")] == [1, 2, 3, 4]
+
+
+def test_epochs_0_trains_the_whole_passes_that_reach_train_steps_and_resumes_to_that_plan(
+        tmp_path):
+    out = tmp_path / "out"
+    flags = tiny_train_flags(out, epochs=0, train_steps=7, batch_size=32)
+    assert CliRunner().invoke(cli.train, cli_args(flags)).exit_code == 0
+    run_id = (out / RUN_ID_FILE).read_text().strip()
+    run = MlflowClient().get_run(run_id)
+    steps_per_epoch = -(-int(run.data.metrics["data/n_train_frames"]) // 32)
+    planned = -(-7 // steps_per_epoch)
+    assert planned >= 2  # the budget spans several passes, so a plan of one pass would fail
+    ckpt = torch.load(out / f"checkpoint_epoch_{planned}.pt", weights_only=True)
+    assert [h["epoch"] for h in ckpt["history"]] == list(range(1, planned + 1))
+    assert ckpt["config"]["epochs"] == planned  # the number, so a resume keeps the plan
+    assert run.data.params["epochs"] == "0" and run.data.params["epochs_planned"] == str(planned)
+
+    again = CliRunner().invoke(cli.train, cli_args({**flags, "resume": True}))
+    assert again.exit_code == 0, again.output
+    assert not list(out.glob(f"checkpoint_epoch_{planned + 1}.pt"))
+    assert "epochs_extended_to" not in MlflowClient().get_run(run_id).data.tags

@@ -28,7 +28,7 @@ from atari_vae.metrics import game_references, psnr_from_mse, reference_frames
 from atari_vae.model import VAE, vae_for
 from atari_vae.objective import foreground_fraction
 from atari_vae.rundir import LOCK_FILE, RUN_TOKEN_FILE
-from atari_vae.train import fit, lr_factor
+from atari_vae.train import fit
 from tests.conftest import REPO, tiny_train_flags
 
 EPOCHS, CHECKPOINT_FREQ = 3, 2
@@ -213,20 +213,6 @@ def test_a_full_disk_gives_one_line_naming_the_file_and_the_run_ends_failed(tmp_
     assert [p.name for p in out.glob(".*")] == [LOCK_FILE], "no temporary left behind"
     run = MlflowClient().get_run((out / RUN_ID_FILE).read_text().strip())
     assert run.info.status == "FAILED"
-
-
-def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_five_percent():
-    factors = [lr_factor(step, total_steps=1000, warmup_steps=50) for step in range(1000)]
-    assert factors[0] == pytest.approx(1 / 50) and factors[49] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(factors[:49], factors[1:50], strict=True))
-    assert all(a >= b for a, b in zip(factors[49:-1], factors[50:], strict=True))
-    assert factors[500] == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 450 / 950)))
-    assert factors[-1] == pytest.approx(0.05, abs=1e-4)
-
-
-def test_warm_up_takes_at_most_a_tenth_of_a_short_run():
-    # 3 epochs of 28 steps: a one-epoch warm-up would keep a third of the run below full speed.
-    assert lr_factor(7, total_steps=84, warmup_steps=28) == pytest.approx(1.0)
 
 
 def test_a_multi_game_run_weighs_and_scores_each_frame_against_its_own_games_references(
