@@ -8,8 +8,10 @@
 #   GPU_CHECK_DEVICE=cpu TRAIN_FLAGS="--num_episodes 3 --max_steps 60 --epochs 1" \
 #     EVAL_FLAGS="--num_samples 50 --max_steps 60" bash benchmarks/gpu.sh   # dry run of the script
 #
-# On a machine without a package index, install the dependencies from carried wheels first
-# (`pip install --no-index --no-deps --target DIR wheels/*.whl` and PYTHONPATH=DIR:$PWD).
+# On a machine without a package index, carry the dependencies as wheels for its Python
+# (`bash benchmarks/gpu_wheels.sh .whl 3.12` here), install them there first
+# (`pip install --no-index --no-deps --target DIR .whl/*.whl` and PYTHONPATH=DIR).
+# Figures of a run on an H200: benchmarks/README.md, "Time to quality".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

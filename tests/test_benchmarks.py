@@ -31,3 +31,22 @@ def test_store_bench_counts_every_process_frames_when_collection_is_split():
     rows = _run("procs", "--games", "Breakout", "--episodes", "2", "--procs", "1,2")
     assert [r["processes"] for r in rows] == [1, 2]
     assert all(r["frames"] > 2 and r["frames_per_s"] > 0 for r in rows)
+
+
+def test_recipes_trains_scores_both_seeds_and_tabulates_each_recipe(tmp_path):
+    out = tmp_path / "recipes"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "recipes.py"), "--device", "cpu",
+         "--out", str(out), "--eval_flags", "--num_samples 40 --max_steps 60 --probe_frames 1200",
+         "tiny=--num_episodes 3 --max_steps 60 --epochs 1 --batch_size 32 --latent_dim 8"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI":
+             f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads((out / "results.json").read_text())
+    assert "error" not in result, result
+    assert result["epochs"] == 1 and result["train_frames"] > 0 and result["train_s"] > 0
+    probed, pixels_only = result["10000"], result["20000"]
+    assert 0 <= probed["fg_accuracy"] <= 1 and 0 <= pixels_only["fg_accuracy"] <= 1
+    assert "probe_score" in probed and "probe_score" not in pixels_only
+    assert "| tiny | " in done.stdout
