@@ -58,8 +58,8 @@ def run_recipe(name: str, flags: str, args: argparse.Namespace, threads: int) ->
         for seed in EVAL_SEEDS:
             probe = [] if seed == EVAL_SEEDS[0] else ["--probe_frames", "0"]
             _run([*vae, "evaluate", "--model_path", str(out / "train" / "best_model.pt"),
-                  "--env_name", args.game, "--seed", str(seed), *probe, *common,
-                  *shlex.split(args.eval_flags),
+                  "--env_name", args.game, "--seed", str(seed), *common,
+                  *shlex.split(args.eval_flags), *probe,  # last: seed 20000 never probes
                   "--output_dir", str(out / f"eval-{seed}")], out / f"eval-{seed}.log", threads)
             result[seed] = _figures(out / f"eval-{seed}")
     except (RuntimeError, AttributeError, OSError) as exc:
