@@ -182,8 +182,17 @@ def mark_pending(client: Any, name: str, version: str) -> None:
 
 
 def _set_tags(client: Any, name: str, version: str, tags: dict[str, str]) -> None:
+    from mlflow.exceptions import MlflowException
+
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+        try:
+            client.set_model_version_tag(name, version, key, value)
+        except MlflowException as exc:
+            # Two writers inserted the same new tag at once (seen on PostgreSQL); the row
+            # exists now, so setting it again updates it.
+            if "duplicate key" not in str(exc) and "UNIQUE constraint" not in str(exc):
+                raise
+            client.set_model_version_tag(name, version, key, value)
 
 
 def _delete_tag(client: Any, name: str, version: str, key: str) -> None:

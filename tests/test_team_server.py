@@ -179,3 +179,37 @@ def test_two_tune_workers_register_a_champion_that_another_process_loads(
                   if t.user_attrs["mlflow_run_id"] == champion.run_id)
     assert f"latent {latent}" in loaded.stdout
     assert "%|" not in loaded.stderr  # no download progress bar in a job's log
+
+
+def test_tags_that_many_workers_set_at_once_all_land_without_an_error(on_server):
+    # Two tune workers once set the same new version tag at the same moment and one died of
+    # PostgreSQL's duplicate key; promotion must take that race, whoever inserts first.
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from atari_vae import promotion
+
+    client = mlflow.MlflowClient()
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    with mlflow.start_run() as run:
+        pass
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model",
+                                          run_id=run.info.run_id).version
+    keys, writers = [f"k{i}" for i in range(6)], 8
+    barrier = Barrier(writers)
+
+    def write(worker: int) -> None:
+        own = mlflow.MlflowClient()
+        for key in keys:
+            barrier.wait(timeout=120)
+            try:
+                promotion._set_tags(own, name, version, {key: f"w{worker}"})
+            except Exception:
+                barrier.abort()  # the others stop waiting for this writer
+                raise
+
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(write, range(writers)))  # re-raises a writer's error
+    tags = client.get_model_version(name, version).tags
+    assert set(keys) <= set(tags) and all(tags[k].startswith("w") for k in keys)
