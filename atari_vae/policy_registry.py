@@ -112,7 +112,7 @@ def register_controller(model_uri: str, name: str, tags: dict[str, Any], score: 
         reason, moved = _decide(client, name, version, score, protocol, rescore)
         if moved:
             client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, DECISION_TAG, reason)
+    tracking.set_version_tags(client, name, version, {DECISION_TAG: reason})
     (log.info if moved else log.warning)("%s version %s %s champion: %s", name, version,
                                          "is" if moved else "is registered but not", reason)
     return version, reason, moved
@@ -132,7 +132,7 @@ def _decide(client: Any, name: str, version: str, score: float, protocol: str,
                     f"the champion stays"), False
         log.info("playing champion version %s of %s on this run's test episodes", holder, name)
         old = float(rescore(holder))
-        client.set_model_version_tag(name, holder, protocol_score_tag(protocol), repr(old))
+        tracking.set_version_tags(client, name, holder, {protocol_score_tag(protocol): repr(old)})
     if score > old or old != old:  # NaN: a champion without a readable score
         return f"test score {score:.2f} beats champion version {holder}'s {old:.2f}", True
     return f"test score {score:.2f} does not beat champion version {holder}'s {old:.2f}", False

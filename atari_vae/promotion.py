@@ -178,21 +178,8 @@ def champion_version(name: str, client: Any = None) -> str | None:
 
 def mark_pending(client: Any, name: str, version: str) -> None:
     """Mark a version as being scored: deciders wait for it rather than crown a worse one."""
-    _set_tags(client, name, version, {STATE_TAG: "pending", PENDING_SINCE_TAG: repr(time.time())})
-
-
-def _set_tags(client: Any, name: str, version: str, tags: dict[str, str]) -> None:
-    from mlflow.exceptions import MlflowException
-
-    for key, value in tags.items():
-        try:
-            client.set_model_version_tag(name, version, key, value)
-        except MlflowException as exc:
-            # Two writers inserted the same new tag at once (seen on PostgreSQL); the row
-            # exists now, so setting it again updates it.
-            if "duplicate key" not in str(exc) and "UNIQUE constraint" not in str(exc):
-                raise
-            client.set_model_version_tag(name, version, key, value)
+    tracking.set_version_tags(client, name, version,
+                              {STATE_TAG: "pending", PENDING_SINCE_TAG: repr(time.time())})
 
 
 def _delete_tag(client: Any, name: str, version: str, key: str) -> None:
@@ -261,7 +248,7 @@ def score_version(client: Any, name: str, version: str, scorer: SelectionScorer,
     if not math.isfinite(value):
         return None, f"its selection score is {value}"
     floor = floor_failure(per_game)
-    _set_tags(client, name, version, {
+    tracking.set_version_tags(client, name, version, {
         FLOOR_TAG: PASSED if floor is None else f"failed: {floor}", SCORE_TAG: repr(value),
         EVAL_TAG: scorer.key})
     _delete_tag(client, name, version, DEMOTED_TAG)  # it loads and scores again
@@ -278,7 +265,7 @@ def demote(client: Any, name: str, version: str, why: str) -> None:
     """Take ``champion`` from a broken version and say why on it."""
     log.warning("demoting champion version %s of %s: %s", version, name, why)
     _forget_score(client, name, version)
-    client.set_model_version_tag(name, version, DEMOTED_TAG, why)
+    tracking.set_version_tags(client, name, version, {DEMOTED_TAG: why})
     with contextlib.suppress(Exception):  # another writer may have moved it already
         if champion_version(name, client) == version:
             client.delete_registered_model_alias(name, CHAMPION)
@@ -395,7 +382,7 @@ def promote_version(name: str, version: str, games: list[Game],
         score, own = score_version(client, name, version, scorer)
         if score is None:  # a score from an earlier try must not stand for this one
             _forget_score(client, name, version)
-        _set_tags(client, name, version, {STATE_TAG: "scored"})
+        tracking.set_version_tags(client, name, version, {STATE_TAG: "scored"})
         with tracking.local_store_lock("registry", LOCK_TIMEOUT_S):
             _wait_for_pending(client, name, version)
             before = champion_version(name, client)
@@ -414,9 +401,9 @@ def promote_version(name: str, version: str, games: list[Game],
         ) from exc
     finally:
         with contextlib.suppress(Exception):  # the store may be the thing that failed
-            _set_tags(client, name, version, {STATE_TAG: "done"})
+            tracking.set_version_tags(client, name, version, {STATE_TAG: "done"})
     reason = _explain(client, name, version, scorer.key, before, holder, score, own, demoted)
-    client.set_model_version_tag(name, version, DECISION_TAG, reason)
+    tracking.set_version_tags(client, name, version, {DECISION_TAG: reason})
     say = log.info if holder == version else log.warning
     say("%s version %s %s champion: %s", name, version,
         "is" if holder == version else "is registered but not", reason)

@@ -320,6 +320,20 @@ def set_tags(tags: dict[str, Any]) -> None:
     retrying("setting tags", lambda: mlflow.set_tags(values))
 
 
+def set_version_tags(client: Any, name: str, version: str, tags: dict[str, str]) -> None:
+    """Set tags on a registered model version, also when another writer sets the same new tag
+    at the same moment (PostgreSQL then raises a duplicate key: setting again updates the row)."""
+    from mlflow.exceptions import MlflowException
+
+    for key, value in tags.items():
+        try:
+            client.set_model_version_tag(name, version, key, value)
+        except MlflowException as exc:
+            if "duplicate key" not in str(exc) and "UNIQUE constraint" not in str(exc):
+                raise
+            client.set_model_version_tag(name, version, key, value)
+
+
 def run_exists(run_id: str) -> bool:
     """True when the tracking store holds ``run_id`` as a run that can be continued."""
     import mlflow

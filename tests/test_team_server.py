@@ -183,11 +183,11 @@ def test_two_tune_workers_register_a_champion_that_another_process_loads(
 
 def test_tags_that_many_workers_set_at_once_all_land_without_an_error(on_server):
     # Two tune workers once set the same new version tag at the same moment and one died of
-    # PostgreSQL's duplicate key; promotion must take that race, whoever inserts first.
+    # PostgreSQL's duplicate key; a tag write must take that race, whoever inserts first.
     from concurrent.futures import ThreadPoolExecutor
     from threading import Barrier
 
-    from atari_vae import promotion
+    from atari_vae import tracking
 
     client = mlflow.MlflowClient()
     name = f"race-{uuid.uuid4().hex[:8]}"
@@ -204,7 +204,7 @@ def test_tags_that_many_workers_set_at_once_all_land_without_an_error(on_server)
         for key in keys:
             barrier.wait(timeout=120)
             try:
-                promotion._set_tags(own, name, version, {key: f"w{worker}"})
+                tracking.set_version_tags(own, name, version, {key: f"w{worker}"})
             except Exception:
                 barrier.abort()  # the others stop waiting for this writer
                 raise
