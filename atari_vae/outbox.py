@@ -70,6 +70,12 @@ class Outbox:
         else:
             self.send(run_id)
 
+    def pending(self, run_id: str) -> int:
+        """Metric points and files of ``run_id`` that the store has not yet confirmed."""
+        with self._lock:
+            box = self._runs.get(run_id)
+            return len(box.metrics) + len(box.files) if box else 0
+
     def send(self, run_id: str) -> bool:
         """Try to send everything queued for ``run_id``; True when nothing is left."""
         import mlflow
