@@ -4,7 +4,9 @@ Per RAM variable, a linear 256-way classifier on frozen features, trained with c
 early stopping on a validation split of other episodes, scored by weighted F1 on test episodes;
 F1s are averaged within AtariARI's categories, then across them (the game score). Variables
 with under 0.6 nats of entropy on the probe-train labels are dropped, as AtariARI does. For
-coordinates, a linear regression's R^2 on the test episodes measures what a planner can read.
+coordinates, a linear regression's R^2 on the test episodes measures what a planner can read;
+for small objects (ball, shots) also on the frames whose pixels show exactly one, since the RAM
+keeps a position for a ball that is off screen, which no encoder of the pixels can know.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from atari_vae.envs import Game, to_float
+from atari_vae.metrics import reference_frames, small_object_labels
 from atari_vae.model import VAE
 from atari_vae.state_labels import (
     CATEGORIES,
@@ -197,16 +200,20 @@ class ProbeReport:
     entropy: dict[str, float]
     f1: dict[str, dict[str, float]] = field(default_factory=dict)  # source -> variable -> F1
     r2: dict[str, dict[str, float]] = field(default_factory=dict)  # source -> coordinate -> R^2
+    # source -> small-object coordinate -> R^2 on frames showing exactly one small object
+    r2_on_screen: dict[str, dict[str, float]] = field(default_factory=dict)
     score: dict[str, float] = field(default_factory=dict)  # source -> game score
     categories: dict[str, dict[str, float]] = field(default_factory=dict)
     n_frames: dict[str, int] = field(default_factory=dict)  # train / val / test
 
 
 def probe_sources(features: dict[str, torch.Tensor], labels: np.ndarray, names: list[str],
-                  masks: tuple[np.ndarray, ...], settings: ProbeSettings) -> ProbeReport:
+                  masks: tuple[np.ndarray, ...], settings: ProbeSettings,
+                  on_screen: np.ndarray | None = None) -> ProbeReport:
     """Probe each source's (N, D) features for the (N, V) ``labels``, plus the majority class.
 
-    ``masks``: (train, val, test) boolean rows, as ``split_episodes`` (and ``drop_seen``) give.
+    ``masks``: (train, val, test) boolean rows, as ``split_episodes`` (and ``drop_seen``) give;
+    ``on_screen``: (N,) bool rows showing exactly one small object (``one_small_object``).
     """
     train, val, test = masks
     entropy = dict(zip(names, entropy_nats(labels[train]).tolist(), strict=True))
@@ -221,6 +228,8 @@ def probe_sources(features: dict[str, torch.Tensor], labels: np.ndarray, names: 
     majority = torch.mode(y[train], dim=0).values
     sources = {MAJORITY: None, **features}
     coordinates = [i for i, n in enumerate(report.variables) if is_coordinate(n)]
+    small = [i for i in coordinates
+             if "small_object_localization" in categories_of(report.variables[i])]
     for source, x in sources.items():
         if x is None:
             predicted = majority.expand(int(test.sum()), -1)
@@ -228,16 +237,37 @@ def probe_sources(features: dict[str, torch.Tensor], labels: np.ndarray, names: 
             x = x.float()
             probes = fit_linear_probes(x[train], y[train], x[val], y[val], settings)
             predicted = probes.predict(x[test])
-            if coordinates:
-                r2 = linear_r2(x[train], y[train][:, coordinates], x[test],
-                               y[test][:, coordinates])
-                report.r2[source] = {report.variables[i]: float(v)
-                                     for i, v in zip(coordinates, r2, strict=True)}
+            if r2 := _r2_by_name(x, y, train, test, coordinates, report.variables):
+                report.r2[source] = r2
+            if on_screen is not None and (r2 := _r2_by_name(
+                    x, y, train & on_screen, test & on_screen, small, report.variables)):
+                report.r2_on_screen[source] = r2
         report.f1[source] = {name: weighted_f1(y[test][:, i].numpy(), predicted[:, i].numpy())
                              for i, name in enumerate(report.variables)}
         report.score[source], report.categories[source] = game_score(report.f1[source])
         log.info("probe %s: game score %.3f", source, report.score[source])
     return report
+
+
+def _r2_by_name(x: torch.Tensor, y: torch.Tensor, train: np.ndarray, test: np.ndarray,
+                columns: list[int], names: list[str]) -> dict[str, float]:
+    """{variable: test R^2 of a linear regression fitted on the train rows}, for ``columns``."""
+    if not columns or train.sum() <= x.shape[1] or not test.any():
+        return {}
+    r2 = linear_r2(x[train], y[train][:, columns], x[test], y[test][:, columns])
+    return {names[i]: float(v) for i, v in zip(columns, r2, strict=True)}
+
+
+def one_small_object(frames_uint8: torch.Tensor, chunk: int = 512) -> np.ndarray:
+    """(N,) bool: frames showing exactly one small moving object, as the object metric counts
+    them against these frames' own mean frame and background (pixels only, no RAM)."""
+    mean_frame, background = reference_frames(frames_uint8)
+    counts = []
+    for start in range(0, len(frames_uint8), chunk):
+        labels, is_object = small_object_labels(to_float(frames_uint8[start:start + chunk]),
+                                                background, mean_frame)
+        counts += [int(is_object[np.unique(frame)].sum()) for frame in labels]
+    return np.array(counts) == 1
 
 
 @torch.no_grad()
@@ -254,7 +284,7 @@ def random_init_like(model: VAE, seed: int) -> VAE:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh = VAE(model.input_shape, model.latent_dim, model.decoder_kind,
-                    model.locator is not None)
+                    model.locator is not None, model.coords is not None)
     return fresh.to(next(model.parameters()).device)
 
 
@@ -273,7 +303,8 @@ def probe_model(model: VAE, game: Game, n_frames: int, max_steps: int, seed: int
                 "random_init": encoder_means(random_init_like(model, seed),
                                              labelled.frames_uint8)}
     return probe_sources(features, labelled.labels(names), list(names), (train, val, test),
-                         settings or ProbeSettings(seed=seed))
+                         settings or ProbeSettings(seed=seed),
+                         one_small_object(labelled.frames_uint8))
 
 
 def probe_metrics(report: ProbeReport) -> dict[str, float]:
@@ -282,26 +313,30 @@ def probe_metrics(report: ProbeReport) -> dict[str, float]:
            for s, v in report.score.items()}
     out.update({f"probe_f1_{n}": v for n, v in report.f1.get("model", {}).items()})
     out.update({f"probe_r2_{n}": v for n, v in report.r2.get("model", {}).items()})
+    out.update({f"probe_r2_on_screen_{n}": v
+                for n, v in report.r2_on_screen.get("model", {}).items()})
     return out
 
 
 def format_probe_table(reports: dict[str, ProbeReport]) -> str:
-    """Per game: a row per kept variable (entropy, F1 per source, R^2 per source), then scores."""
+    """Per game: a row per kept variable (entropy, F1 per source, R^2 per source, on all test
+    frames and on those showing one small object), then scores."""
     lines = ["State probe (AtariARI protocol): linear probes on frozen features, weighted F1 "
              "on test episodes; R^2 of a linear regression for coordinates.", ""]
     for game, r in reports.items():
         sources = list(r.f1)
-        r2_sources = list(r.r2)
+        r2_columns = [(f"R2 {s}", r.r2[s]) for s in r.r2] + [
+            (f"R2 1-obj {s}", r.r2_on_screen[s]) for s in r.r2_on_screen]
         lines.append(f"{game}: {r.n_frames['train']} probe-train / {r.n_frames['val']} val / "
                      f"{r.n_frames['test']} test frames; dropped (< {ENTROPY_THRESHOLD} nats): "
                      f"{', '.join(r.dropped) or 'none'}")
         lines.append(f"{'variable':<26}{'nats':>6}" + "".join(f"{'F1 ' + s:>16}" for s in sources)
-                     + "".join(f"{'R2 ' + s:>16}" for s in r2_sources))
+                     + "".join(f"{title:>16}" for title, _ in r2_columns))
         for name in r.variables:
             row = f"{name:<26}{r.entropy[name]:>6.2f}"
             row += "".join(f"{r.f1[s][name]:>16.3f}" for s in sources)
-            row += "".join(f"{r.r2[s][name]:>16.3f}" if name in r.r2[s] else f"{'':>16}"
-                           for s in r2_sources)
+            row += "".join(f"{r2[name]:>16.3f}" if name in r2 else f"{'':>16}"
+                           for _, r2 in r2_columns)
             lines.append(row)
         for category in CATEGORIES:
             if sources and category in r.categories[sources[0]]:

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 EVAL_SEEDS = (10000, 20000)
+BALL = ("ball_x", "ball_y")
 
 
 def _run(cmd: list[str], log: Path, threads: int) -> float:
@@ -75,18 +76,23 @@ def _figures(folder: Path) -> dict:
     probe_file = folder / "state_probe.json"
     if probe_file.exists():
         probe = next(iter(json.loads(probe_file.read_text()).values()))
-        f1 = probe["f1"].get("model", {})
+        f1, r2 = probe["f1"].get("model", {}), probe["r2"].get("model", {})
+        on_screen = probe.get("r2_on_screen", {}).get("model", {})
         figures |= {"probe_score": probe["score"]["model"],
                     "probe_random_init": probe["score"]["random_init"],
-                    **{f"{k}_f1": f1[k] for k in ("ball_x", "ball_y") if k in f1}}
+                    **{f"{k}_f1": f1[k] for k in BALL if k in f1},
+                    **{f"{k}_r2": r2[k] for k in BALL if k in r2},
+                    **{f"{k}_r2_on_screen": on_screen[k] for k in BALL if k in on_screen}}
     return figures
 
 
 def table(results: list[dict]) -> str:
     """One markdown row per recipe."""
     rows = ["| recipe | train s | epochs | steps (est.) | fg acc s10000 / s20000 | "
-            "PSNR over base s10000 / s20000 | object recall | probe (random init) | ball F1 x/y |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "PSNR over base s10000 / s20000 | object recall | probe (random init) | ball F1 x/y | "
+            "ball R² x/y, all frames (one object on screen) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for r in results:
         if "error" in r:
             rows.append(f"| {r['recipe']} | error: {r['error']} |")
@@ -100,7 +106,10 @@ def table(results: list[dict]) -> str:
             f"{a['psnr'] - a['baseline_psnr']:+.2f} / {b['psnr'] - b['baseline_psnr']:+.2f} | "
             f"{a.get('object_recall', float('nan')):.3f} | "
             f"{a.get('probe_score', float('nan')):.3f} ({a.get('probe_random_init', 0):.3f}) | "
-            f"{a.get('ball_x_f1', float('nan')):.2f} / {a.get('ball_y_f1', float('nan')):.2f} |")
+            f"{a.get('ball_x_f1', nan):.2f} / {a.get('ball_y_f1', nan):.2f} | "
+            f"{a.get('ball_x_r2', nan):.2f} / {a.get('ball_y_r2', nan):.2f} "
+            f"({a.get('ball_x_r2_on_screen', nan):.2f} / "
+            f"{a.get('ball_y_r2_on_screen', nan):.2f}) |")
     return "\n".join(rows)
 
 

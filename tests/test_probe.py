@@ -15,6 +15,7 @@ from atari_vae.probe import (
     fit_linear_probes,
     game_score,
     linear_r2,
+    one_small_object,
     probe_model,
     probe_sources,
     random_init_like,
@@ -96,6 +97,35 @@ def test_probes_read_a_linearly_encoded_variable_and_noise_scores_like_chance():
     assert report.score["good"] == pytest.approx(report.f1["good"]["ball_x"])
 
 
+def test_a_ball_off_screen_counts_against_r2_on_all_frames_but_not_on_screen():
+    """The RAM keeps a stale position for an off-screen ball: no encoder can read it."""
+    generator = torch.Generator().manual_seed(3)
+    position = torch.randint(10, 150, (1200,), generator=generator)
+    features = torch.stack([position.float() / 150, torch.randn(1200, generator=generator)], 1)
+    on_screen = np.arange(1200) % 3 != 0
+    ram = np.where(on_screen, position.numpy(),
+                   torch.randint(0, 255, (1200,), generator=generator).numpy())
+    masks = split_episodes(np.repeat(np.arange(60), 20), seed=0)
+    report = probe_sources({"model": features}, np.stack([ram, ram // 2], 1),
+                           ["ball_x", "player_x"], masks, FAST, on_screen)
+    assert report.r2["model"]["ball_x"] < 0.6
+    assert report.r2_on_screen["model"] == {"ball_x": pytest.approx(1.0, abs=1e-6)}
+
+
+def test_one_small_object_counts_moving_dots_and_ignores_the_fixed_paddle():
+    generator = torch.Generator().manual_seed(4)
+    frames = torch.zeros(60, 3, 64, 64, dtype=torch.uint8)
+    frames[:, :, 60, 20:32] = 200  # a paddle in every frame: large and in the mean frame
+    dots = torch.arange(60) % 3  # 0, 1 or 2 balls
+    for i, n in enumerate(dots.tolist()):
+        for _ in range(n):
+            row, col = torch.randint(2, 50, (2,), generator=generator).tolist()
+            frames[i, :, row, col:col + 2] = 255
+    expected = (dots == 1).numpy()
+    found = one_small_object(frames, chunk=16)
+    assert (found == expected).mean() > 0.95  # two random dots may touch: one object
+
+
 def test_a_probe_keeps_its_best_validation_weights():
     features, labels = _decodable(600, seed=2)
     x, y = features, torch.from_numpy(labels[:, :1])
@@ -119,5 +149,6 @@ def test_probe_model_on_real_breakout_frames_scores_every_source():
     assert {"ball_x", "player_x"} <= set(report.variables)
     assert set(report.score) == {"model", "random_init", MAJORITY}
     assert set(report.r2["model"]) >= {"ball_x", "ball_y", "player_x"}
+    assert set(report.r2_on_screen.get("model", {})) <= {"ball_x", "ball_y"}
     assert all(0.0 <= f1 <= 1.0 for source in report.f1.values() for f1 in source.values())
     assert report.n_frames["train"] > report.n_frames["test"] > 0
