@@ -94,6 +94,11 @@ class TrainConfig(DataConfig):
         "Weight of the locator term: the model also predicts from z, as a categorical over "
         "pixel positions, where the frame's small moving objects (ball, shots) are; 0 = off "
         "(and no locator in the model).")
+    coord_weight: float = flag(
+        0.0,
+        "Weight of the coordinate term: a line from z must give the (row, col) in pixels of "
+        "the frame's small moving object wherever exactly one is in view (the ball), as a "
+        "planner reads it; squared error; 0 = off (and no coordinate head in the model).")
     free_bits: float = flag(
         0.0, "KL free bits: nats per latent dim below which KL is not penalised (0 = off).")
     device: str = flag("auto", "Compute device; auto picks cuda, then mps, then cpu.",
@@ -121,7 +126,8 @@ class TrainConfig(DataConfig):
         _positive(self, "latent_dim", "batch_size", "train_steps", "checkpoint_freq")
         _non_negative(self, "epochs")
         _positive(self, "lr", "fg_weight")
-        _non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight")
+        _non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",
+                      "coord_weight")
         if not 0.0 < self.val_split < 1.0:
             raise ConfigError(f"--val_split must be in (0, 1), got {self.val_split}")
         if self.num_episodes < 2:

@@ -4,7 +4,8 @@ Negative ELBO as in Kingma & Welling (2014), Appendix B, with a Gaussian decoder
 variance (so reconstruction is a sum of squared errors up to constants):
 
     loss = sum_pixels w * (x_hat - x)^2  +  obj_weight * O(x_hat, x)
-           -  loc_weight * log p(where | mu)  +  kl_weight * sum_j max(free_bits, KL_j)
+           -  loc_weight * log p(where | mu)  +  coord_weight * |C mu + c - where|^2
+           +  kl_weight * sum_j max(free_bits, KL_j)
     KL_j = -0.5 * (1 + logvar_j - mu_j^2 - exp(logvar_j))
 
 All sums are per image (3x64x64 values; latent dims), averaged over the batch. ``w`` is 1 on
@@ -13,7 +14,8 @@ training set's background (``pixel_weights``). ``O`` (``object_error``) compares
 images differ from the background near the frame's small objects (ball, shots), blurred at a
 few scales. ``p(where | mu)`` (``locator_error``) is the VAE's locator: a categorical over
 pixel positions of those small objects, linear in the posterior mean, so the mean must say
-where they are.
+where they are; the coordinate head (``coordinate_error``) asks a line from the mean for the
+(row, col) of the one small object in view, so it says so in a form a planner reads.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ OBJECT_REACH_PX = 6  # how far from a small object a drawn one still earns the o
 # A ball or bullet is 1-4 pixels at 64x64 (Breakout's 2x4 ball, Pong's 2x4 ball, Space
 # Invaders' 1x8 shots become 1x1 to 1x3); the paddle, invaders and digits are larger.
 SMALL_OBJECT_MAX_PIXELS = 4
+# One object in view: the small pixels' mean squared distance from their centroid is at most
+# this (a 1x4 shot: 1.25 px^2); two balls a few pixels apart are well above it.
+ONE_OBJECT_SPREAD_PX2 = 2.0
 
 
 class LossTerms(NamedTuple):
@@ -156,6 +161,23 @@ def object_error(x_hat: torch.Tensor, x: torch.Tensor, background: torch.Tensor,
     return total
 
 
+def coordinate_error(points: torch.Tensor, x: torch.Tensor, background: torch.Tensor,
+                     region: torch.Tensor) -> torch.Tensor:
+    """(N,) squared distance in pixels from ``points`` (N, 2) (row, col) to the centroid of
+    ``x``'s small objects on frames where they form one (ONE_OBJECT_SPREAD_PX2); 0 elsewhere."""
+    small, _ = small_objects(x, background, region)
+    mass = small.sum(dim=(1, 2, 3))
+    rows = torch.arange(x.shape[-2], device=x.device, dtype=small.dtype).view(1, 1, -1, 1)
+    cols = torch.arange(x.shape[-1], device=x.device, dtype=small.dtype).view(1, 1, 1, -1)
+    weight = small / mass.clamp(min=1.0).view(-1, 1, 1, 1)
+    centre = torch.stack([(weight * rows).sum(dim=(1, 2, 3)),
+                          (weight * cols).sum(dim=(1, 2, 3))], dim=1)
+    spread = (weight * ((rows - centre[:, 0].view(-1, 1, 1, 1)).pow(2)
+                        + (cols - centre[:, 1].view(-1, 1, 1, 1)).pow(2))).sum(dim=(1, 2, 3))
+    one = (mass > 0) & (spread <= ONE_OBJECT_SPREAD_PX2)
+    return torch.where(one, (points.float() - centre).pow(2).sum(dim=1), 0.0)
+
+
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(q(z|x) || N(0, I)) per latent dim, averaged over the batch: (latent_dim,)."""
     return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean(dim=0)
@@ -167,7 +189,7 @@ def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
     """Weighted negative ELBO for a batch; see the module docstring for the formula.
 
     ``extra_recon``: the weighted ball terms per image (N,) (obj_weight * object_error +
-    loc_weight * locator_error), or 0 when both are off.
+    loc_weight * locator_error + coord_weight * coordinate_error), or 0 when all are off.
     """
     recon = ((weights * (x_hat.float() - x).pow(2)).sum(dim=(1, 2, 3))
              + extra_recon).mean()

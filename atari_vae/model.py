@@ -43,7 +43,7 @@ class VAE(nn.Module):
     """Conv VAE for (3, 64, 64) frames in [0, 1]; four stride-2 stages down to 4x4 and back up."""
 
     def __init__(self, input_shape: tuple[int, int, int] = (3, 64, 64), latent_dim: int = 32,
-                 decoder: str = "deconv", locator: bool = False):
+                 decoder: str = "deconv", locator: bool = False, coords: bool = False):
         super().__init__()
         channels, height, width = input_shape
         if height % 16 or width % 16:
@@ -80,6 +80,9 @@ class VAE(nn.Module):
         # (ball, shots), linear in the posterior mean, so the mean must say where they are in
         # a form a line can read.
         self.locator = nn.Linear(latent_dim, height * width) if locator else None
+        # (row, col) of the single small object in view, a line from the posterior mean: the
+        # position a planner reads, kept linear in z by construction.
+        self.coords = nn.Linear(latent_dim, 2) if coords else None
         # A per-pixel output bias, independent of the input: set to the training background's
         # logits before training, so the decoder spends z on moving objects, not the backdrop.
         self.output_bias = nn.Parameter(torch.zeros(input_shape))
@@ -102,6 +105,12 @@ class VAE(nn.Module):
         if self.locator is None:
             raise ValueError("this VAE was built without a locator (locator=True adds one)")
         return self.locator(z)
+
+    def point(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, latent_dim) -> (N, 2) (row, col) in pixels of the small object in view."""
+        if self.coords is None:
+            raise ValueError("this VAE was built without a coordinate head (coords=True adds one)")
+        return self.coords(z)
 
     @torch.no_grad()
     def init_output_bias(self, background: torch.Tensor) -> None:
@@ -141,4 +150,4 @@ def vae_for(state_dict: dict[str, torch.Tensor],
             input_shape: tuple[int, int, int] = (3, 64, 64)) -> VAE:
     """A freshly built VAE of the shape ``state_dict`` was trained with (weights not loaded)."""
     return VAE(input_shape, latent_dim_of(state_dict), decoder_of(state_dict),
-               locator="locator.weight" in state_dict)
+               locator="locator.weight" in state_dict, coords="coords.weight" in state_dict)

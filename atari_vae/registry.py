@@ -41,7 +41,7 @@ def save_vae_dir(model: VAE, directory: Path, metadata: dict[str, Any] | None = 
         tmp.write_bytes(save(state))  # save_file would recreate the file 0600
     config = {"format_version": FORMAT_VERSION, "input_shape": list(model.input_shape),
               "latent_dim": model.latent_dim, "decoder": model.decoder_kind,
-              "locator": model.locator is not None,
+              "locator": model.locator is not None, "coords": model.coords is not None,
               "preprocessing": PREPROCESSING,
               **(metadata or {})}
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2))
@@ -59,7 +59,8 @@ def load_vae_dir(directory: str | Path, device: str | torch.device = "cpu") -> V
     except (OSError, ValueError) as exc:
         raise AtariVaeError(f"{directory} is not a saved atari-vae model: {exc}") from exc
     model = VAE(tuple(config["input_shape"]), config["latent_dim"],
-                config.get("decoder", "deconv"), config.get("locator", False))
+                config.get("decoder", "deconv"), config.get("locator", False),
+                config.get("coords", False))
     model.load_state_dict(state)
     return model.to(device).eval()
 

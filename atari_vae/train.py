@@ -8,6 +8,7 @@ import io
 import logging
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from atari_vae.errors import AtariVaeError, NonFiniteLossError
 from atari_vae.files import atomic_path, load_error_reason, remove_partial_files
 from atari_vae.losses import (
     LossTerms,
+    coordinate_error,
     locator_error,
     object_error,
     pixel_weights,
@@ -179,27 +181,31 @@ def _batches(val: ValFrames, refs: GameReferences, batch_size: int):
 
 
 def _build(cfg: TrainConfig) -> VAE:
-    return VAE(FRAME_SHAPE, cfg.latent_dim, cfg.decoder, locator=cfg.loc_weight > 0)
+    return VAE(FRAME_SHAPE, cfg.latent_dim, cfg.decoder, locator=cfg.loc_weight > 0,
+               coords=cfg.coord_weight > 0)
 
 
 def _loss_terms(model, x, mean_frame, background, cfg,
                 dtype) -> tuple[LossTerms, torch.Tensor]:
     """(the training objective (``losses`` docstring) for frames of these references, x_hat);
-    z is sampled in training mode and the posterior mean in eval mode. The locator reads the
-    posterior mean, which is what a planner and the state probe read."""
+    z is sampled in training mode and the posterior mean in eval mode. The locator and the
+    coordinate head read the posterior mean, which is what a planner and the state probe read."""
     with autocast(x.device, dtype):
         mu, logvar = model.encode(x)
         z = model.reparameterize(mu, logvar)
         x_hat = model.decode(z)
         where_logits = model.locate(mu) if cfg.loc_weight else None
+        points = model.point(mu) if cfg.coord_weight else None
     weights = pixel_weights(x, background, cfg.fg_weight, x_hat)
     extra = 0.0
-    if cfg.obj_weight or cfg.loc_weight:
+    if cfg.obj_weight or cfg.loc_weight or cfg.coord_weight:
         region = usually_empty(mean_frame, background)
     if cfg.obj_weight:
         extra = extra + cfg.obj_weight * object_error(x_hat, x, background, region)
     if cfg.loc_weight:
         extra = extra + cfg.loc_weight * locator_error(where_logits, x, background, region)
+    if cfg.coord_weight:
+        extra = extra + cfg.coord_weight * coordinate_error(points, x, background, region)
     return vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits, extra), x_hat
 
 
@@ -269,6 +275,16 @@ def _preview(model: VAE, val_frames: torch.Tensor, path: Path, title: str) -> Pa
     return plots.reconstructions(x, model(x)[0], path, title)
 
 
+def _final_preview(out: Path, model: VAE, epoch: int, val_frames: torch.Tensor) -> Path:
+    """final_reconstructions.png: a copy of the last checkpoint's, which drew this model."""
+    path, last = out / "final_reconstructions.png", out / f"reconstructions_epoch_{epoch}.png"
+    if not last.exists():
+        return _preview(model, val_frames, path, "validation frames, final model")
+    with atomic_path(path) as tmp:
+        shutil.copyfile(last, tmp)
+    return path
+
+
 def _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg, dtype,
                 val_frames) -> list[Path]:
     """Full training state (tensors and plain types only: loadable with weights_only=True)."""
@@ -307,7 +323,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 # and optimiser. --precision is compared as resolved (bf16 or fp32); --epochs may grow.
 RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split", "latent_dim",
                      "batch_size", "lr", "kl_weight", "fg_weight", "obj_weight", "loc_weight",
-                     "free_bits", "decoder", "collect_policy", "policy_mix")
+                     "coord_weight", "free_bits", "decoder", "collect_policy", "policy_mix")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
@@ -383,9 +399,7 @@ def _finish(out, model, state, cfg, val, refs, device) -> TrainResult:
         "final_model": out / "final_model.pt",
         "best_model": out / "best_model.pt",
         "training_curves": plots.training_curves(state.history, out / "training_curves.png"),
-        "final_reconstructions": _preview(model, val.frames_uint8,
-                                          out / "final_reconstructions.png",
-                                          "validation frames, final model"),
+        "final_reconstructions": _final_preview(out, model, state.epoch, val.frames_uint8),
     }
     best = _build(cfg).to(device)
     best.load_state_dict(torch.load(out / "best_model.pt", map_location=device,

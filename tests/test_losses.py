@@ -9,6 +9,7 @@ import torch
 
 from atari_vae.losses import (
     OBJECT_SCALES_PX,
+    coordinate_error,
     foreground_mask,
     kl_per_dim,
     locator_error,
@@ -195,3 +196,24 @@ def test_locator_error_is_low_for_the_right_place_uniform_for_no_idea_and_zero_w
             < locator_error(uniform, ball, background, region)
             < locator_error(wrong, ball, background, region))
     assert locator_error(right, background, background, region).item() == 0.0
+
+
+def test_coordinate_error_is_the_squared_pixel_distance_to_the_one_ball_in_view():
+    background = torch.zeros(1, 3, 64, 64)
+    region = usually_empty(background, background)
+    ball = _one_dot(30, 40)
+    ball[..., 30, 41] = 1.0  # a 1x2 ball: its centre is (30, 40.5)
+    guess = torch.tensor([[33.0, 36.5]], requires_grad=True)
+    error = coordinate_error(guess, ball, background, region)
+    assert error.item() == pytest.approx(3.0**2 + 4.0**2)
+    error.sum().backward()
+    assert guess.grad[0].tolist() == pytest.approx([6.0, -8.0])
+
+
+def test_coordinate_error_asks_nothing_without_a_ball_or_with_two():
+    background = torch.zeros(1, 3, 64, 64)
+    region = usually_empty(background, background)
+    two = _one_dot(10, 10) + _one_dot(50, 50)
+    frames = torch.cat([background, two])
+    assert coordinate_error(torch.full((2, 2), 20.0), frames, background, region).tolist() == \
+        [0.0, 0.0]

@@ -88,6 +88,19 @@ def test_the_locator_maps_z_to_logits_over_pixel_positions_and_is_read_back():
         VAE(latent_dim=8).locate(torch.zeros(1, 8))
 
 
+def test_the_coordinate_head_is_a_line_from_z_to_a_pixel_position_and_is_read_back():
+    vae = VAE(latent_dim=8, coords=True)
+    z = torch.randn(5, 8)
+    assert vae.point(z).shape == (5, 2)
+    midpoint = vae.point((z[:1] + z[1:2]) / 2)  # affine in z: a planner reads it with a line
+    torch.testing.assert_close(midpoint, (vae.point(z[:1]) + vae.point(z[1:2])) / 2)
+    rebuilt = vae_for(vae.state_dict())
+    rebuilt.load_state_dict(vae.state_dict())
+    assert rebuilt.coords is not None and vae_for(VAE(latent_dim=8).state_dict()).coords is None
+    with pytest.raises(ValueError, match="without a coordinate head"):
+        VAE(latent_dim=8).point(z)
+
+
 def test_an_unknown_decoder_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="deconv, broadcast"):
         VAE(decoder="transformer")

@@ -83,6 +83,9 @@ def test_every_output_file_is_written(trained):
     for name in names - {RUN_ID_FILE, RUN_TOKEN_FILE, LOCK_FILE}:
         head = (trained.out / name).read_bytes()[:8]
         assert head.startswith(b"\x89PNG" if name.endswith(".png") else b"PK"), name
+    # the last checkpoint drew the final model: copied, not drawn again
+    assert (trained.out / "final_reconstructions.png").read_bytes() == \
+        (trained.out / "reconstructions_epoch_3.png").read_bytes()
 
 
 def test_best_and_final_models_load_as_plain_state_dicts_into_the_documented_vae(trained):
@@ -237,16 +240,19 @@ def test_a_multi_game_run_weighs_and_scores_each_frame_against_its_own_games_ref
     assert psnr_from_mse((val_frames - mixed_mean).pow(2).mean().item()) < psnr_from_mse(own_mse)
 
 
-def test_the_ball_terms_train_a_broadcast_model_with_a_locator_that_loads_back(tmp_path):
+def test_the_ball_terms_train_a_broadcast_model_with_its_heads_that_loads_back(tmp_path):
     cfg = TrainConfig(**tiny_train_flags(tmp_path / "out", checkpoint_freq=1000,
-                                         decoder="broadcast", obj_weight=3.0, loc_weight=1.0))
+                                         decoder="broadcast", obj_weight=3.0, loc_weight=1.0,
+                                         coord_weight=1.0))
     frames = load_games(parse_games(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed)
     result = fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
     assert all(math.isfinite(epoch["train_loss"]) for epoch in result.history)
     model = registry.load_state_file(tmp_path / "out" / "best_model.pt")
     assert model.decoder_kind == "broadcast" and model.locator is not None
-    # Both terms count in the reconstruction term, on the same frames and references.
-    plain = TrainConfig(**{**asdict(cfg), "loc_weight": 0.0, "obj_weight": 0.0})
+    assert model.coords is not None
+    # The terms count in the reconstruction term, on the same frames and references.
+    plain = TrainConfig(**{**asdict(cfg), "loc_weight": 0.0, "obj_weight": 0.0,
+                           "coord_weight": 0.0})
     assert _val_recon(model, frames, cfg) > _val_recon(model, frames, plain) > 0
 
 
