@@ -138,7 +138,7 @@ def bench_train(ctx: dict) -> None:
                 model.init_output_bias(refs.backgrounds)
                 if layout == "channels_last":
                     model = model.to(memory_format=torch.channels_last)
-                opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+                opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # as fit's
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
                 gen = torch.Generator().manual_seed(0)
 

@@ -62,6 +62,14 @@ def _r2(x: np.ndarray, y: np.ndarray) -> float:
     return float(1 - ((y - fit) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12))
 
 
+def _all_frames_r2(position: np.ndarray, in_view: np.ndarray, ram: np.ndarray) -> float:
+    """In-sample R^2 of a line from (position where in view else 0, in view) to the RAM value:
+    about the most a linear read-out of the pixels gets when the ball is often off screen."""
+    design = np.stack([position, in_view.astype(float), np.ones(len(ram))], axis=1)
+    fit = design @ np.linalg.lstsq(design, ram, rcond=None)[0]
+    return float(1 - ((ram - fit) ** 2).sum() / max(((ram - ram.mean()) ** 2).sum(), 1e-12))
+
+
 def survival(args: argparse.Namespace) -> None:
     game = resolve_game(args.game)
     labelled = load_or_collect_labelled(game, args.frames, 1000, 10_000 + PROBE_SEED_OFFSET)
@@ -74,11 +82,14 @@ def survival(args: argparse.Namespace) -> None:
     names = variables(game)
     one = np.flatnonzero(counts == 1)
     for name in BALLS.get(game.rom_id, ()):
-        ram = labelled.ram[one, names[name]].astype(float)
+        ram = labelled.ram[:, names[name]].astype(float)
         axis = 1 if name.endswith("_x") else 0
-        position = np.array([centroids[i][0][axis] for i in one])
+        position = np.zeros(len(counts))
+        position[one] = [centroids[i][0][axis] for i in one]
         print(f"  {name}: R^2 of RAM value vs the single small object's "
-              f"{'column' if axis else 'row'}: {_r2(position, ram):.3f} ({len(one)} frames)")
+              f"{'column' if axis else 'row'}: {_r2(position[one], ram[one]):.3f} "
+              f"({len(one)} frames); on all frames, from (that position, whether one is in "
+              f"view): {_all_frames_r2(position, counts == 1, ram):.3f}")
 
 
 def baselines(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -50,3 +51,15 @@ def test_recipes_trains_scores_both_seeds_and_tabulates_each_recipe(tmp_path):
     assert 0 <= probed["fg_accuracy"] <= 1 and 0 <= pixels_only["fg_accuracy"] <= 1
     assert "probe_score" in probed and "probe_score" not in pixels_only
     assert "| tiny | " in done.stdout
+
+
+def test_probe_survival_bounds_the_ball_r2_on_all_frames_by_what_the_pixels_show(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "probe.py"), "survival", "--game", "Breakout",
+         "--frames", "3000"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "on all frames" in line]
+    assert [line.split(":")[0].strip() for line in lines] == ["ball_x", "ball_y"]
+    one_object, all_frames = (float(v) for v in re.findall(r"-?\d+\.\d{3}", lines[0]))
+    assert 0.95 < one_object <= 1.0 and all_frames < one_object  # an off-screen ball: unknowable
