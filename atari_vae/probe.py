@@ -331,11 +331,11 @@ def format_probe_table(reports: dict[str, ProbeReport]) -> str:
                      f"{r.n_frames['test']} test frames; dropped (< {ENTROPY_THRESHOLD} nats): "
                      f"{', '.join(r.dropped) or 'none'}")
         lines.append(f"{'variable':<26}{'nats':>6}" + "".join(f"{'F1 ' + s:>16}" for s in sources)
-                     + "".join(f"{title:>16}" for title, _ in r2_columns))
+                     + "".join(f"{title:>22}" for title, _ in r2_columns))
         for name in r.variables:
             row = f"{name:<26}{r.entropy[name]:>6.2f}"
             row += "".join(f"{r.f1[s][name]:>16.3f}" for s in sources)
-            row += "".join(f"{r2[name]:>16.3f}" if name in r2 else f"{'':>16}"
+            row += "".join(f"{r2[name]:>22.3f}" if name in r2 else f"{'':>22}"
                            for _, r2 in r2_columns)
             lines.append(row)
         for category in CATEGORIES:
