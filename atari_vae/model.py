@@ -107,10 +107,13 @@ class VAE(nn.Module):
         return self.locator(z)
 
     def point(self, z: torch.Tensor) -> torch.Tensor:
-        """(N, latent_dim) -> (N, 2) (row, col) in pixels of the small object in view."""
+        """(N, latent_dim) -> (N, 2) float32 (row, col) in pixels of the small object in view."""
         if self.coords is None:
             raise ValueError("this VAE was built without a coordinate head (coords=True adds one)")
-        return self.coords(z)
+        # The line gives -1..1 across the frame: Adam moves a weight by ~lr a step, so a line
+        # that had to reach 0..63 itself would grow z instead (KL 767 nats after one epoch).
+        half = torch.tensor(self.input_shape[1:], device=z.device) / 2
+        return half - 0.5 + half * self.coords(z).float()  # float32: bf16 steps 0.25 px at 63
 
     @torch.no_grad()
     def init_output_bias(self, background: torch.Tensor) -> None:
