@@ -98,7 +98,8 @@ class TrainConfig(DataConfig):
         0.0,
         "Weight of the coordinate term: a line from z must give the (row, col) in pixels of "
         "the frame's small moving object wherever exactly one is in view (the ball), as a "
-        "planner reads it; squared error; 0 = off (and no coordinate head in the model).")
+        "planner reads it; Gaussian log-likelihood of learned scale, in nats like the "
+        "locator's; 0 = off (and no coordinate head in the model).")
     free_bits: float = flag(
         0.0, "KL free bits: nats per latent dim below which KL is not penalised (0 = off).")
     device: str = flag("auto", "Compute device; auto picks cuda, then mps, then cpu.",

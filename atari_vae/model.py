@@ -83,6 +83,9 @@ class VAE(nn.Module):
         # (row, col) of the single small object in view, a line from the posterior mean: the
         # position a planner reads, kept linear in z by construction.
         self.coords = nn.Linear(latent_dim, 2) if coords else None
+        # log of the head's error scale in pixels, learned: its Gaussian likelihood pulls
+        # gently while the guess is far off and harder as the guess gets good
+        self.coords_log_px = nn.Parameter(torch.tensor(2.0)) if coords else None
         # A per-pixel output bias, independent of the input: set to the training background's
         # logits before training, so the decoder spends z on moving objects, not the backdrop.
         self.output_bias = nn.Parameter(torch.zeros(input_shape))

@@ -205,7 +205,8 @@ def _loss_terms(model, x, mean_frame, background, cfg,
     if cfg.loc_weight:
         extra = extra + cfg.loc_weight * locator_error(where_logits, x, background, region)
     if cfg.coord_weight:
-        extra = extra + cfg.coord_weight * coordinate_error(points, x, background, region)
+        extra = extra + cfg.coord_weight * coordinate_error(points, model.coords_log_px, x,
+                                                            background, region)
     return vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits, extra), x_hat
 
 

@@ -198,16 +198,21 @@ def test_locator_error_is_low_for_the_right_place_uniform_for_no_idea_and_zero_w
     assert locator_error(right, background, background, region).item() == 0.0
 
 
-def test_coordinate_error_is_the_squared_pixel_distance_to_the_one_ball_in_view():
+def test_coordinate_error_is_a_gaussian_likelihood_of_the_one_ball_in_view():
     background = torch.zeros(1, 3, 64, 64)
     region = usually_empty(background, background)
     ball = _one_dot(30, 40)
     ball[..., 30, 41] = 1.0  # a 1x2 ball: its centre is (30, 40.5)
     guess = torch.tensor([[33.0, 36.5]], requires_grad=True)
-    error = coordinate_error(guess, ball, background, region)
-    assert error.item() == pytest.approx(3.0**2 + 4.0**2)
+    log_px = torch.tensor(math.log(2.0), requires_grad=True)
+    error = coordinate_error(guess, log_px, ball, background, region)
+    assert error.item() == pytest.approx((3.0**2 + 4.0**2) / (2 * 2.0**2) + 2 * math.log(2.0))
     error.sum().backward()
-    assert guess.grad[0].tolist() == pytest.approx([6.0, -8.0])
+    assert guess.grad[0].tolist() == pytest.approx([3.0 / 4, -4.0 / 4])  # d / s^2
+    # the scale that fits a miss of 5 px best is 5 / sqrt(2) px: a good guess earns a tighter one
+    scales = torch.linspace(1.0, 8.0, 141)
+    costs = [coordinate_error(guess.detach(), s.log(), ball, background, region) for s in scales]
+    assert scales[int(torch.stack(costs).argmin())].item() == pytest.approx(5 / 2**0.5, abs=0.05)
 
 
 def test_coordinate_error_asks_nothing_without_a_ball_or_with_two():
@@ -215,5 +220,5 @@ def test_coordinate_error_asks_nothing_without_a_ball_or_with_two():
     region = usually_empty(background, background)
     two = _one_dot(10, 10) + _one_dot(50, 50)
     frames = torch.cat([background, two])
-    assert coordinate_error(torch.full((2, 2), 20.0), frames, background, region).tolist() == \
-        [0.0, 0.0]
+    assert coordinate_error(torch.full((2, 2), 20.0), torch.tensor(0.0), frames, background,
+                            region).tolist() == [0.0, 0.0]
