@@ -95,7 +95,7 @@ class TrainConfig(DataConfig):
         "pixel positions, where the frame's small moving objects (ball, shots) are; 0 = off "
         "(and no locator in the model).")
     coord_weight: float = flag(
-        0.0,
+        30.0,
         "Weight of the coordinate term: a line from z must give the (row, col) in pixels of "
         "the frame's small moving object wherever exactly one is in view (the ball), as a "
         "planner reads it; Gaussian log-likelihood of learned scale, in nats like the "
