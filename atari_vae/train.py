@@ -326,6 +326,8 @@ RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split
                      "batch_size", "lr", "kl_weight", "fg_weight", "obj_weight", "loc_weight",
                      "coord_weight", "free_bits", "decoder", "collect_policy", "policy_mix")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+# Loss terms that came with their flag: a checkpoint that predates the flag trained without them.
+OFF_BEFORE_THEY_EXISTED = {"obj_weight": 0.0, "loc_weight": 0.0, "coord_weight": 0.0}
 
 
 def _same_flag(name: str, saved: Any, given: Any) -> bool:
@@ -341,8 +343,9 @@ def _resume_mismatch(ckpt: dict[str, Any], cfg: TrainConfig, run_token: str) -> 
                 "give another --output_dir for a new run")
     saved = ckpt["config"]
     for name in RESUME_MUST_MATCH:  # load_state_dict's own message is many lines long
-        # A flag newer than the checkpoint was at its default then.
-        saved_value = saved.get(name, getattr(TrainConfig, name))
+        # A flag newer than the checkpoint was off then (a loss term), else at its default.
+        saved_value = saved.get(name, OFF_BEFORE_THEY_EXISTED.get(name, getattr(TrainConfig,
+                                                                                 name)))
         if not _same_flag(name, saved_value, getattr(cfg, name)):
             return (f"it was trained with --{name} {saved_value}, not {getattr(cfg, name)}; "
                     f"resume with the run's original flags")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from atari_vae.config import TrainConfig
 from atari_vae.files import PARTIAL
 from atari_vae.jobs import RUN_ID_FILE
 from atari_vae.schedule import MIN_LR_FACTOR
+from atari_vae.train import _resume_mismatch
 from tests.conftest import tiny_train_flags
 from tests.test_model import _Payload
 from tests.test_train import cli_args
@@ -294,6 +296,14 @@ def test_resume_refuses_each_flag_that_changes_the_result_naming_it(finished, fl
                            f"it was trained with --{flag} {saved}, not {value}")
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert not Path("mlflow.db").exists()  # refused before any MLflow run
+
+
+def test_a_checkpoint_older_than_a_loss_term_s_flag_trained_without_that_term():
+    saved = {k: v for k, v in asdict(TrainConfig()).items() if k != "coord_weight"}
+    ckpt = {"run_token": "t", "config": saved}
+    assert _resume_mismatch(ckpt, TrainConfig(), "t") == (
+        "it was trained with --coord_weight 0.0, not 30.0; resume with the run's original flags")
+    assert _resume_mismatch(ckpt, TrainConfig(coord_weight=0.0), "t") is None
 
 
 def test_a_larger_epochs_extends_the_run_at_the_final_rate_of_its_schedule(tmp_path):
