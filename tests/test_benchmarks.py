@@ -63,3 +63,14 @@ def test_probe_survival_bounds_the_ball_r2_on_all_frames_by_what_the_pixels_show
     assert [line.split(":")[0].strip() for line in lines] == ["ball_x", "ball_y"]
     one_object, all_frames = (float(v) for v in re.findall(r"-?\d+\.\d{3}", lines[0]))
     assert 0.95 < one_object <= 1.0 and all_frames < one_object  # an off-screen ball: unknowable
+
+
+def test_profile_step_splits_a_real_training_step_into_convolutions_and_the_rest(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--precision", "fp32",
+         "--threads", "1", "--steps", "1"], capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    conv, rest = (int(v) for v in re.findall(r"(\d+)% of self CPU time, the rest (\d+)%",
+                                             done.stdout)[0])
+    assert conv + rest in (99, 100, 101) and conv > 30  # convolutions dominate the step

@@ -1,0 +1,72 @@
+"""Where one training step of the default model spends its time, by operator.
+
+    .venv/bin/python benchmarks/profile_step.py --precision bf16 --threads 2
+
+Runs the real step (``train._loss_terms``, backward, gradient clipping, fused Adam) on 128
+cached Breakout frames under ``torch.profiler`` and prints the operators by self CPU time,
+then the share of convolutions (forward and backward) against everything else: the part that
+fusing the elementwise loss and optimizer work could win at most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import profile
+
+from atari_vae import train
+from atari_vae.config import TrainConfig
+from atari_vae.data import load_or_collect
+from atari_vae.envs import resolve_game, to_float
+from atari_vae.metrics import game_references
+
+CONV_OPS = ("convolution", "conv2d", "conv_transpose")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    cfg = TrainConfig()
+    frames = load_or_collect(resolve_game("Breakout"), 20, 1000, 42, progress=False)
+    x = to_float(frames.frames_uint8[:cfg.batch_size])
+    refs = game_references(frames.frames_uint8, frames.game_ids, 1)
+    model = train._build(cfg)
+    model.init_output_bias(refs.backgrounds)
+    if dtype == torch.float32:
+        model = model.to(memory_format=torch.channels_last)  # as fit does
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+
+    def step() -> None:
+        terms, _ = train._loss_terms(model, x, refs.means, refs.backgrounds, cfg, dtype)
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.GRAD_CLIP_NORM)
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    started = time.perf_counter()
+    with profile() as prof:
+        for _ in range(args.steps):
+            step()
+    seconds = (time.perf_counter() - started) / args.steps
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if any(c in e.key for c in CONV_OPS))
+    print(f"{args.precision}, {args.threads} thread(s), batch {cfg.batch_size}: "
+          f"{seconds * 1000:.0f} ms a step under the profiler ({cfg.batch_size / seconds:.0f} "
+          f"images/s); convolutions {conv / total:.0%} of self CPU time, the rest "
+          f"{1 - conv / total:.0%}")
+
+
+if __name__ == "__main__":
+    main()
