@@ -95,11 +95,12 @@ class TrainConfig(DataConfig):
         "pixel positions, where the frame's small moving objects (ball, shots) are; 0 = off "
         "(and no locator in the model).")
     coord_weight: float = flag(
-        30.0,
+        0.0,
         "Weight of the coordinate term: a line from z must give the (row, col) in pixels of "
         "the frame's small moving object wherever exactly one is in view (the ball), as a "
         "planner reads it; Gaussian log-likelihood of learned scale, in nats like the "
-        "locator's; 0 = off (and no coordinate head in the model).")
+        "locator's; 30 for a planner (costs pixels at short budgets); 0 = off (and no "
+        "coordinate head in the model).")
     free_bits: float = flag(
         0.0, "KL free bits: nats per latent dim below which KL is not penalised (0 = off).")
     device: str = flag("auto", "Compute device; auto picks cuda, then mps, then cpu.",

@@ -299,11 +299,15 @@ def test_resume_refuses_each_flag_that_changes_the_result_naming_it(finished, fl
 
 
 def test_a_checkpoint_older_than_a_loss_term_s_flag_trained_without_that_term():
-    saved = {k: v for k, v in asdict(TrainConfig()).items() if k != "coord_weight"}
+    # --loc_weight's default is 30 today; a checkpoint from before the flag trained without it
+    saved = {k: v for k, v in asdict(TrainConfig()).items()
+             if k not in ("loc_weight", "coord_weight")}
     ckpt = {"run_token": "t", "config": saved}
     assert _resume_mismatch(ckpt, TrainConfig(), "t") == (
-        "it was trained with --coord_weight 0.0, not 30.0; resume with the run's original flags")
-    assert _resume_mismatch(ckpt, TrainConfig(coord_weight=0.0), "t") is None
+        "it was trained with --loc_weight 0.0, not 30.0; resume with the run's original flags")
+    assert _resume_mismatch(ckpt, TrainConfig(loc_weight=0.0), "t") is None
+    assert "--coord_weight 0.0, not 30.0" in _resume_mismatch(
+        ckpt, TrainConfig(loc_weight=0.0, coord_weight=30.0), "t")
 
 
 def test_a_larger_epochs_extends_the_run_at_the_final_rate_of_its_schedule(tmp_path):

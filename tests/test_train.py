@@ -94,7 +94,7 @@ def test_best_and_final_models_load_as_plain_state_dicts_into_the_documented_vae
         vae = vae_for(state)
         vae.load_state_dict(state)
         assert vae.latent_dim == 8 and vae.locator is not None  # --loc_weight 30 by default
-        assert vae.coords is not None  # --coord_weight 30 by default
+        assert vae.coords is None  # --coord_weight 0 by default
         x_hat, mu, _ = vae.eval()(atari_vae.preprocess(torch.zeros(210, 160, 3,
                                                                    dtype=torch.uint8)))
         assert x_hat.shape == (1, 3, 64, 64) and mu.shape == (1, 8)
