@@ -64,7 +64,8 @@ def _r2(x: np.ndarray, y: np.ndarray) -> float:
 
 def _all_frames_r2(position: np.ndarray, in_view: np.ndarray, ram: np.ndarray) -> float:
     """In-sample R^2 of a line from (position where in view else 0, in view) to the RAM value:
-    about the most a linear read-out of the pixels gets when the ball is often off screen."""
+    what the ball on screen explains when it is often off screen (a code can add what other
+    state says of the hidden value, as the coordinate head's z does on Breakout's ball_x)."""
     design = np.stack([position, in_view.astype(float), np.ones(len(ram))], axis=1)
     fit = design @ np.linalg.lstsq(design, ram, rcond=None)[0]
     return float(1 - ((ram - fit) ** 2).sum() / max(((ram - ram.mean()) ** 2).sum(), 1e-12))
