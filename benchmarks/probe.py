@@ -31,6 +31,7 @@ from atari_vae.probe import (
     drop_seen,
     encoder_means,
     format_probe_table,
+    linear_r2,
     probe_sources,
     random_init_like,
     split_episodes,
@@ -57,18 +58,12 @@ def _small_object_centroids(frames_uint8: torch.Tensor, mean_frame: torch.Tensor
     return out
 
 
-def _r2(x: np.ndarray, y: np.ndarray) -> float:
-    fit = np.polyval(np.polyfit(x, y, 1), x)
-    return float(1 - ((y - fit) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12))
-
-
-def _all_frames_r2(position: np.ndarray, in_view: np.ndarray, ram: np.ndarray) -> float:
-    """In-sample R^2 of a line from (position where in view else 0, in view) to the RAM value:
-    what the ball on screen explains when it is often off screen (a code can add what other
-    state says of the hidden value, as the coordinate head's z does on Breakout's ball_x)."""
-    design = np.stack([position, in_view.astype(float), np.ones(len(ram))], axis=1)
-    fit = design @ np.linalg.lstsq(design, ram, rcond=None)[0]
-    return float(1 - ((ram - fit) ** 2).sum() / max(((ram - ram.mean()) ** 2).sum(), 1e-12))
+def _in_sample_r2(features: list[np.ndarray], ram: np.ndarray) -> float:
+    """R^2 of a least-squares line (with intercept) from ``features`` to ``ram``, on the same
+    frames it was fitted on (the probe's ``linear_r2``)."""
+    x = torch.from_numpy(np.stack(features, axis=1).astype(np.float64))
+    y = torch.from_numpy(ram.astype(np.float64)).unsqueeze(1)
+    return float(linear_r2(x, y, x, y)[0])
 
 
 def survival(args: argparse.Namespace) -> None:
@@ -88,9 +83,9 @@ def survival(args: argparse.Namespace) -> None:
         position = np.zeros(len(counts))
         position[one] = [centroids[i][0][axis] for i in one]
         print(f"  {name}: R^2 of RAM value vs the single small object's "
-              f"{'column' if axis else 'row'}: {_r2(position[one], ram[one]):.3f} "
+              f"{'column' if axis else 'row'}: {_in_sample_r2([position[one]], ram[one]):.3f} "
               f"({len(one)} frames); on all frames, from (that position, whether one is in "
-              f"view): {_all_frames_r2(position, counts == 1, ram):.3f}")
+              f"view): {_in_sample_r2([position, counts == 1], ram):.3f}")
 
 
 def baselines(args: argparse.Namespace) -> None:
