@@ -32,6 +32,20 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 SECTIONS = ("machine", "peak", "train", "collect", "planner", "quick", "samejob", "tune")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# what benchmarks/as_avx2.sh sets: oneDNN (convolutions, bf16), MKL (fp32 matmuls), ATen kernels
+ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
+def precisions() -> dict[str, torch.dtype]:
+    """The precisions worth timing here: bf16 only where oneDNN may use bf16 instructions (under
+    `benchmarks/as_avx2.sh` it may not, and its fallback runs ~1000x slower than fp32)."""
+    from atari_vae.runtime import ISA_CAPS_WITHOUT_BF16, onednn_isa_cap
+
+    if onednn_isa_cap() in ISA_CAPS_WITHOUT_BF16:
+        return {"fp32": torch.float32}
+    return PRECISIONS
 ROWS: list[dict] = []
 
 
@@ -71,6 +85,9 @@ def bench_machine(ctx: dict) -> None:
     row("machine", "cpu", model, note=f"{os.cpu_count()} logical cores, "
         f"{len(os.sched_getaffinity(0))} usable, avx512_bf16/amx={cpu_has_fast_bf16()}")
     row("machine", "torch", torch.__version__, note=f"{torch.get_num_threads()} intra-op threads")
+    caps = {name: os.environ[name] for name in ISA_ENV if name in os.environ}
+    row("machine", "instruction sets used", torch.backends.cpu.get_cpu_capability(),
+        note=", ".join(f"{k}={v}" for k, v in caps.items()) or "not capped")
     cpu_max = Path("/sys/fs/cgroup/cpu.max")
     if cpu_max.exists():
         row("machine", "cgroup cpu.max", cpu_max.read_text().strip())
@@ -81,7 +98,7 @@ def bench_peak(ctx: dict) -> None:
     n = 2048
     for threads in thread_counts():
         torch.set_num_threads(threads)
-        for name, dtype in PRECISIONS.items():
+        for name, dtype in precisions().items():
             a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
             seconds = min(median_time(lambda a=a, b=b: torch.mm(a, b), 3, 1) for _ in range(3))
             gflops = 2 * n**3 / seconds / 1e9
@@ -131,7 +148,7 @@ def bench_train(ctx: dict) -> None:
     refs = game_references(subset.frames_uint8, subset.game_ids, 1)
     for threads in thread_counts():
         torch.set_num_threads(threads)
-        for name, dtype in PRECISIONS.items():
+        for name, dtype in precisions().items():
             for layout in ("contiguous", "channels_last"):
                 torch.manual_seed(0)
                 model = train._build(cfg)  # the default VAE, locator included

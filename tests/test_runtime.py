@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from atari_vae import runtime
 from atari_vae.config import TrainConfig
 from atari_vae.data import load_games, split_by_episode
 from atari_vae.envs import FRAME_SHAPE, parse_games
@@ -53,6 +54,30 @@ def test_fp32_autocast_leaves_matmuls_in_fp32_and_bf16_lowers_them() -> None:
         assert (a @ b).dtype is torch.float32
     with autocast(cpu, torch.bfloat16):
         assert (a @ b).dtype is torch.bfloat16
+
+
+def _cpuinfo_has_bf16() -> bool:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in text or "amx_bf16" in text
+
+
+@pytest.mark.parametrize("cap", ["AVX2", "avx512_core", "AVX512_CORE_BF16", None])
+def test_auto_precision_follows_the_cpu_flags_and_a_onednn_isa_cap(
+        cap: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes an AVX512-BF16 CPU train as an AVX2 one: fp32, because
+    oneDNN's capped bf16 matmuls crawl."""
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    runtime.cpu_has_fast_bf16.cache_clear()
+    try:
+        capped = cap is not None and cap.upper() in ("AVX2", "AVX512_CORE")
+        expected = torch.bfloat16 if _cpuinfo_has_bf16() and not capped else torch.float32
+        assert resolve_precision("auto", torch.device("cpu")) is expected
+    finally:
+        runtime.cpu_has_fast_bf16.cache_clear()
 
 
 def test_seed_everything_repeats_torch_and_numpy_draws() -> None:
