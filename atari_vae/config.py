@@ -101,6 +101,12 @@ class TrainConfig(DataConfig):
         "planner reads it; Gaussian log-likelihood of learned scale, in nats like the "
         "locator's; 30 for a planner (costs pixels at short budgets); 0 = off (and no "
         "coordinate head in the model).")
+    mask_weight: float = flag(
+        10.0,
+        "Weight of the mask term: a line from z must give, pixel by pixel, whether the frame "
+        "differs from the background there (its foreground mask: paddle, ball, removed "
+        "bricks), as Bernoulli logits; binary cross-entropy in nats summed over pixels; "
+        "0 = off (and no mask head in the model).")
     free_bits: float = flag(
         0.0, "KL free bits: nats per latent dim below which KL is not penalised (0 = off).")
     device: str = flag("auto", "Compute device; auto picks cuda, then mps, then cpu.",
@@ -129,7 +135,7 @@ class TrainConfig(DataConfig):
         _non_negative(self, "epochs")
         _positive(self, "lr", "fg_weight")
         _non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",
-                      "coord_weight")
+                      "coord_weight", "mask_weight")
         if not 0.0 < self.val_split < 1.0:
             raise ConfigError(f"--val_split must be in (0, 1), got {self.val_split}")
         if self.num_episodes < 2:

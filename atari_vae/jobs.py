@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from atari_vae import collect_policy, registry, tracking
+from atari_vae.checkpoints import read_checkpoint
 from atari_vae.config import TrainConfig
 from atari_vae.data import load_games, split_by_episode
 from atari_vae.envs import Game, parse_games
@@ -20,7 +21,7 @@ from atari_vae.rundir import (
 )
 from atari_vae.runtime import resolve_device
 from atari_vae.schedule import planned
-from atari_vae.train import TrainResult, fit, read_checkpoint
+from atari_vae.train import TrainResult, fit
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id.txt"

@@ -5,6 +5,7 @@ variance (so reconstruction is a sum of squared errors up to constants):
 
     loss = sum_pixels w * (x_hat - x)^2  +  obj_weight * O(x_hat, x)
            -  loc_weight * log p(where | mu)  -  coord_weight * log N(where; C mu + c, s^2 I)
+           -  mask_weight * sum_pixels log Bernoulli(fg; sigmoid(M mu + m))
            +  kl_weight * sum_j max(free_bits, KL_j)
     KL_j = -0.5 * (1 + logvar_j - mu_j^2 - exp(logvar_j))
 
@@ -16,7 +17,8 @@ few scales. ``p(where | mu)`` (``locator_error``) is the VAE's locator: a catego
 pixel positions of those small objects, linear in the posterior mean, so the mean must say
 where they are; the coordinate head (``coordinate_error``) asks a line from the mean for the
 (row, col) of the one small object in view (a Gaussian of learned scale s), so it says so in the
-form a planner reads.
+form a planner reads. The mask head (``mask_error``) asks a line from the mean for the
+frame's whole foreground mask ``fg`` (paddle, ball, removed bricks), pixel by pixel.
 """
 
 from __future__ import annotations
@@ -128,12 +130,11 @@ def small_object_window(x: torch.Tensor, background: torch.Tensor,
     return nn_f.max_pool2d(small, reach, stride=1, padding=OBJECT_REACH_PX) * (1 - near_large)
 
 
-def locator_error(logits: torch.Tensor, x: torch.Tensor, background: torch.Tensor,
-                  region: torch.Tensor) -> torch.Tensor:
+def locator_error(logits: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
     """(N,) cross-entropy of the locator's categorical over pixel positions (``logits``
-    (N, H*W)) against where ``x``'s small objects are (blurred by 1 px, normalised); 0 for
-    frames without one. Unlike a squared error it pulls as hard when the guess is far off."""
-    small, _ = small_objects(x, background, region)
+    (N, H*W)) against where the frames' small objects are (``small``, the first mask of
+    ``small_objects``, blurred by 1 px, normalised); 0 for frames without one. Unlike a squared
+    error it pulls as hard when the guess is far off."""
     where = _gaussian_blur(small, 1.0).flatten(1)
     mass = where.sum(dim=1, keepdim=True)
     target = where / mass.clamp(min=1e-8)
@@ -163,20 +164,20 @@ def object_error(x_hat: torch.Tensor, x: torch.Tensor, background: torch.Tensor,
     return total
 
 
-def coordinate_error(points: torch.Tensor, log_px: torch.Tensor, x: torch.Tensor,
-                     background: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """(N,) negative log-likelihood (nats, up to a constant) of the centroid of ``x``'s small
-    objects under an isotropic Gaussian at ``points`` (N, 2) (row, col) of scale
-    exp(``log_px``) pixels, on frames where they form one (ONE_OBJECT_SPREAD_PX2); 0 elsewhere.
+def coordinate_error(points: torch.Tensor, log_px: torch.Tensor,
+                     small: torch.Tensor) -> torch.Tensor:
+    """(N,) negative log-likelihood (nats, up to a constant) of the centroid of the frames'
+    small objects (``small``: (N, 1, H, W), the first mask of ``small_objects``) under an
+    isotropic Gaussian at ``points`` (N, 2) (row, col) of scale exp(``log_px``) pixels, on
+    frames where they form one (ONE_OBJECT_SPREAD_PX2); 0 elsewhere.
 
     A squared error alone charged a far-off early guess ~1000 units a frame and starved the
     pixels (PSNR at the mean frame's after an epoch); with the scale learned, the pull grows as
     the guess gets good, and its range in nats is the locator's.
     """
-    small, _ = small_objects(x, background, region)
     mass = small.sum(dim=(1, 2, 3))
-    rows = torch.arange(x.shape[-2], device=x.device, dtype=small.dtype).view(1, 1, -1, 1)
-    cols = torch.arange(x.shape[-1], device=x.device, dtype=small.dtype).view(1, 1, 1, -1)
+    rows = torch.arange(small.shape[-2], device=small.device, dtype=small.dtype).view(1, 1, -1, 1)
+    cols = torch.arange(small.shape[-1], device=small.device, dtype=small.dtype).view(1, 1, 1, -1)
     weight = small / mass.clamp(min=1.0).view(-1, 1, 1, 1)
     centre = torch.stack([(weight * rows).sum(dim=(1, 2, 3)),
                           (weight * cols).sum(dim=(1, 2, 3))], dim=1)
@@ -186,6 +187,26 @@ def coordinate_error(points: torch.Tensor, log_px: torch.Tensor, x: torch.Tensor
     log_px = log_px.float().clamp(min=math.log(MIN_COORD_SCALE_PX))
     nll = (points.float() - centre).pow(2).sum(dim=1) / (2 * torch.exp(2 * log_px)) + 2 * log_px
     return torch.where(one, nll, 0.0)
+
+
+def mask_error(logits: torch.Tensor, x: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """(N,) binary cross-entropy in nats, summed over pixels, of the mask head's ``logits``
+    (N, H*W) against ``x``'s foreground mask (``foreground_mask``)."""
+    target = foreground_mask(x, background).flatten(1).float()
+    return nn_f.binary_cross_entropy_with_logits(logits.float(), target,
+                                                 reduction="none").sum(dim=1)
+
+
+def foreground_rate(frames_uint8: torch.Tensor, background: torch.Tensor,
+                    max_frames: int = 4096) -> torch.Tensor:
+    """(1, 1, H, W): the share of ``frames_uint8`` (N, 3, H, W), up to ``max_frames`` evenly
+    spaced, in which each pixel is foreground against ``background``."""
+    rows = torch.linspace(0, len(frames_uint8) - 1, min(len(frames_uint8), max_frames)).long()
+    total = torch.zeros(1, 1, *frames_uint8.shape[-2:], device=frames_uint8.device)
+    for chunk in rows.to(frames_uint8.device).split(512):
+        x = frames_uint8[chunk].float() / 255.0
+        total += foreground_mask(x, background).float().sum(dim=0, keepdim=True)
+    return total / len(rows)
 
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -199,7 +220,8 @@ def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
     """Weighted negative ELBO for a batch; see the module docstring for the formula.
 
     ``extra_recon``: the weighted ball terms per image (N,) (obj_weight * object_error +
-    loc_weight * locator_error + coord_weight * coordinate_error), or 0 when all are off.
+    loc_weight * locator_error + coord_weight * coordinate_error + mask_weight * mask_error),
+    or 0 when all are off.
     """
     recon = ((weights * (x_hat.float() - x).pow(2)).sum(dim=(1, 2, 3))
              + extra_recon).mean()

@@ -43,7 +43,8 @@ class VAE(nn.Module):
     """Conv VAE for (3, 64, 64) frames in [0, 1]; four stride-2 stages down to 4x4 and back up."""
 
     def __init__(self, input_shape: tuple[int, int, int] = (3, 64, 64), latent_dim: int = 32,
-                 decoder: str = "deconv", locator: bool = False, coords: bool = False):
+                 decoder: str = "deconv", locator: bool = False, coords: bool = False,
+                 mask: bool = False):
         super().__init__()
         channels, height, width = input_shape
         if height % 16 or width % 16:
@@ -80,12 +81,18 @@ class VAE(nn.Module):
         # (ball, shots), linear in the posterior mean, so the mean must say where they are in
         # a form a line can read.
         self.locator = nn.Linear(latent_dim, height * width) if locator else None
+        # p(foreground | mu) pixel by pixel, linear in the posterior mean: where every object
+        # is (paddle, ball, removed bricks) must be readable by a line, as the state probe and
+        # a linear planner read it.
+        self.mask = nn.Linear(latent_dim, height * width) if mask else None
         # (row, col) of the single small object in view, a line from the posterior mean: the
         # position a planner reads, kept linear in z by construction.
         self.coords = nn.Linear(latent_dim, 2) if coords else None
         # log of the head's error scale in pixels, learned: its Gaussian likelihood pulls
         # gently while the guess is far off and harder as the guess gets good
         self.coords_log_px = nn.Parameter(torch.tensor(2.0)) if coords else None
+        self.register_buffer("half_size_px", torch.tensor(input_shape[1:], dtype=torch.float32) / 2,
+                             persistent=False)
         # A per-pixel output bias, independent of the input: set to the training background's
         # logits before training, so the decoder spends z on moving objects, not the backdrop.
         self.output_bias = nn.Parameter(torch.zeros(input_shape))
@@ -109,19 +116,31 @@ class VAE(nn.Module):
             raise ValueError("this VAE was built without a locator (locator=True adds one)")
         return self.locator(z)
 
+    def foreground_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, latent_dim) -> (N, H*W) logits that each pixel differs from the background."""
+        if self.mask is None:
+            raise ValueError("this VAE was built without a mask head (mask=True adds one)")
+        return self.mask(z)
+
     def point(self, z: torch.Tensor) -> torch.Tensor:
         """(N, latent_dim) -> (N, 2) float32 (row, col) in pixels of the small object in view."""
         if self.coords is None:
             raise ValueError("this VAE was built without a coordinate head (coords=True adds one)")
         # The line gives -1..1 across the frame: Adam moves a weight by ~lr a step, so a line
         # that had to reach 0..63 itself would grow z instead (KL 767 nats after one epoch).
-        half = torch.tensor(self.input_shape[1:], device=z.device) / 2
+        half = self.half_size_px
         return half - 0.5 + half * self.coords(z).float()  # float32: bf16 steps 0.25 px at 63
 
     @torch.no_grad()
     def init_output_bias(self, background: torch.Tensor) -> None:
         """Start the output bias at logit(background): a (1, 3, H, W) image in [0, 1]."""
         self.output_bias.copy_(torch.logit(background.reshape(self.input_shape), eps=1e-3))
+
+    @torch.no_grad()
+    def init_mask_bias(self, rate: torch.Tensor) -> None:
+        """Start the mask head at logit(rate): (1, 1, H, W), the share of training frames in
+        which each pixel is foreground, so its first steps are not spent learning the bricks."""
+        self.mask.bias.copy_(torch.logit(rate.flatten(), eps=1e-3))
 
     def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         """Sample z ~ N(mu, exp(logvar)) differentiably; returns mu itself in eval mode."""
@@ -156,4 +175,5 @@ def vae_for(state_dict: dict[str, torch.Tensor],
             input_shape: tuple[int, int, int] = (3, 64, 64)) -> VAE:
     """A freshly built VAE of the shape ``state_dict`` was trained with (weights not loaded)."""
     return VAE(input_shape, latent_dim_of(state_dict), decoder_of(state_dict),
-               locator="locator.weight" in state_dict, coords="coords.weight" in state_dict)
+               locator="locator.weight" in state_dict, coords="coords.weight" in state_dict,
+               mask="mask.weight" in state_dict)

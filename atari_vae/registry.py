@@ -42,6 +42,7 @@ def save_vae_dir(model: VAE, directory: Path, metadata: dict[str, Any] | None = 
     config = {"format_version": FORMAT_VERSION, "input_shape": list(model.input_shape),
               "latent_dim": model.latent_dim, "decoder": model.decoder_kind,
               "locator": model.locator is not None, "coords": model.coords is not None,
+              "mask": model.mask is not None,
               "preprocessing": PREPROCESSING,
               **(metadata or {})}
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2))
@@ -60,7 +61,7 @@ def load_vae_dir(directory: str | Path, device: str | torch.device = "cpu") -> V
         raise AtariVaeError(f"{directory} is not a saved atari-vae model: {exc}") from exc
     model = VAE(tuple(config["input_shape"]), config["latent_dim"],
                 config.get("decoder", "deconv"), config.get("locator", False),
-                config.get("coords", False))
+                config.get("coords", False), config.get("mask", False))
     model.load_state_dict(state)
     return model.to(device).eval()
 

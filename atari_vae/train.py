@@ -1,34 +1,43 @@
-"""The training loop and its checkpoints. It knows nothing of MLflow: trackers attach as hooks."""
+"""The training loop: fit, validate, checkpoint, finish. It knows nothing of MLflow: trackers
+attach as hooks. Checkpoint files are ``checkpoints``' concern."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import logging
 import math
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from atari_vae import plots
+from atari_vae.checkpoints import (
+    LOSS_VERSION,
+    PRECISION_NAMES,
+    read_checkpoint,
+    restore_checkpoint,
+    save_atomic,
+)
 from atari_vae.config import TrainConfig
 from atari_vae.data import FrameSet, balanced_order
-from atari_vae.envs import FRAME_SHAPE, parse_games, to_float
-from atari_vae.errors import AtariVaeError, NonFiniteLossError
-from atari_vae.files import atomic_path, load_error_reason, remove_partial_files
+from atari_vae.envs import FRAME_SHAPE, to_float
+from atari_vae.errors import NonFiniteLossError
+from atari_vae.files import atomic_path, remove_partial_files
 from atari_vae.losses import (
     LossTerms,
     coordinate_error,
+    foreground_rate,
     locator_error,
+    mask_error,
     object_error,
     pixel_weights,
+    small_objects,
     usually_empty,
     vae_loss,
 )
@@ -49,9 +58,6 @@ N_PREVIEW = 8
 # Typical gradient norms at the default loss scale are 30-100 (measured on Pong); rare spikes of
 # 10x that sent the KL to 10^4 nats and cost half a 15-epoch run. Clipping caps the spikes only.
 GRAD_CLIP_NORM = 100.0
-# Version 2: a multi-game run weighs each frame against its own game's background, not one
-# median over all games; losses of the two are not comparable, so such a run cannot resume.
-LOSS_VERSION = 2
 
 
 class TrainHooks(Protocol):
@@ -104,6 +110,8 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
         # train section: 395 -> 425 images/s on 2 threads); in bf16 they are ~3 % slower.
         model = model.to(memory_format=torch.channels_last)
     model.init_output_bias(background)
+    if model.mask is not None:
+        model.init_mask_bias(foreground_rate(frames, background))
     # One fused kernel instead of ~10 ops per parameter: +2-4 % images/s on CPU (measured).
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
                                  fused=device.type in ("cpu", "cuda"))
@@ -119,7 +127,9 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
                                      warmup_steps=per_epoch))
     order_rng = torch.Generator().manual_seed(cfg.seed)
     if ckpt:
-        restore_checkpoint(path, ckpt, state, model, optimizer, scheduler, order_rng)
+        restore_checkpoint(path, ckpt, model, optimizer, scheduler, order_rng)
+        state.history, state.epoch = list(ckpt["history"]), ckpt["epoch"]
+        state.best_epoch, state.best_val_loss = ckpt["best_epoch"], ckpt["best_val_loss"]
 
     bar = tqdm(range(state.epoch + 1, cfg.epochs + 1), desc="train", unit="epoch",
                initial=state.epoch, total=cfg.epochs, disable=None)
@@ -141,7 +151,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
                      stats["epoch_seconds"])
         if stats["val_loss"] < state.best_val_loss:
             state.best_val_loss, state.best_epoch = stats["val_loss"], epoch
-            _save_atomic(model.state_dict(), out / "best_model.pt")
+            save_atomic(model.state_dict(), out / "best_model.pt")
         state.epoch = epoch
         if hooks:
             hooks.on_epoch_end(epoch, stats)
@@ -182,7 +192,7 @@ def _batches(val: ValFrames, refs: GameReferences, batch_size: int):
 
 def _build(cfg: TrainConfig) -> VAE:
     return VAE(FRAME_SHAPE, cfg.latent_dim, cfg.decoder, locator=cfg.loc_weight > 0,
-               coords=cfg.coord_weight > 0)
+               coords=cfg.coord_weight > 0, mask=cfg.mask_weight > 0)
 
 
 def _loss_terms(model, x, mean_frame, background, cfg,
@@ -196,17 +206,21 @@ def _loss_terms(model, x, mean_frame, background, cfg,
         x_hat = model.decode(z)
         where_logits = model.locate(mu) if cfg.loc_weight else None
         points = model.point(mu) if cfg.coord_weight else None
+        mask_logits = model.foreground_logits(mu) if cfg.mask_weight else None
     weights = pixel_weights(x, background, cfg.fg_weight, x_hat)
     extra = 0.0
     if cfg.obj_weight or cfg.loc_weight or cfg.coord_weight:
         region = usually_empty(mean_frame, background)
     if cfg.obj_weight:
         extra = extra + cfg.obj_weight * object_error(x_hat, x, background, region)
+    if cfg.loc_weight or cfg.coord_weight:
+        small, _ = small_objects(x, background, region)  # the ball's pixels, found once
     if cfg.loc_weight:
-        extra = extra + cfg.loc_weight * locator_error(where_logits, x, background, region)
+        extra = extra + cfg.loc_weight * locator_error(where_logits, small)
     if cfg.coord_weight:
-        extra = extra + cfg.coord_weight * coordinate_error(points, model.coords_log_px, x,
-                                                            background, region)
+        extra = extra + cfg.coord_weight * coordinate_error(points, model.coords_log_px, small)
+    if cfg.mask_weight:
+        extra = extra + cfg.mask_weight * mask_error(mask_logits, x, background)
     return vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits, extra), x_hat
 
 
@@ -256,18 +270,6 @@ def _check_finite(stats: dict[str, float], epoch: int) -> None:
             f"--precision fp32")
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    # Serialised in memory first: a full disk then raises OSError (ENOSPC) from the write,
-    # where torch.save to a file raises an opaque RuntimeError from its zip writer.
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(buffer.getbuffer())
-    except OSError as exc:  # name the file the user would look for, not the temporary
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-
-
 @torch.no_grad()
 def _preview(model: VAE, val_frames: torch.Tensor, path: Path, title: str) -> Path:
     model.eval()
@@ -307,98 +309,14 @@ def _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg, 
         "precision": PRECISION_NAMES[dtype],
     }
     path = out / f"checkpoint_epoch_{epoch}.pt"
-    _save_atomic(ckpt, path)
+    save_atomic(ckpt, path)
     image = _preview(model, val_frames, out / f"reconstructions_epoch_{epoch}.png",
                      f"validation frames, epoch {epoch}")
     return [path, image]
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint with the highest epoch number in ``out``, if any."""
-    found = [(int(m.group(1)), p) for p in out.glob("checkpoint_epoch_*.pt")
-             if (m := re.fullmatch(r"checkpoint_epoch_(\d+)\.pt", p.name))]
-    return max(found)[1] if found else None
-
-
-# Flags a resumed run must share with the checkpoint: they fix the frames, split, model, loss
-# and optimiser. --precision is compared as resolved (bf16 or fp32); --epochs may grow.
-RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split", "latent_dim",
-                     "batch_size", "lr", "kl_weight", "fg_weight", "obj_weight", "loc_weight",
-                     "coord_weight", "free_bits", "decoder", "collect_policy", "policy_mix")
-PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-# Loss terms that came with their flag: a checkpoint that predates the flag trained without them.
-OFF_BEFORE_THEY_EXISTED = {"obj_weight": 0.0, "loc_weight": 0.0, "coord_weight": 0.0}
-
-
-def _same_flag(name: str, saved: Any, given: Any) -> bool:
-    if name == "env_name":  # "breakout" and "ALE/Breakout-v5" name the same game
-        return [g.title for g in parse_games(saved)] == [g.title for g in parse_games(given)]
-    return saved == given
-
-
-def _resume_mismatch(ckpt: dict[str, Any], cfg: TrainConfig, run_token: str) -> str | None:
-    """Why ``cfg`` cannot continue ``ckpt``, in words; None when it can."""
-    if ckpt.get("run_token", "") != run_token:
-        return ("it belongs to another training run than the one this directory records; "
-                "give another --output_dir for a new run")
-    saved = ckpt["config"]
-    for name in RESUME_MUST_MATCH:  # load_state_dict's own message is many lines long
-        # A flag newer than the checkpoint was off then (a loss term), else at its default.
-        saved_value = saved.get(name, OFF_BEFORE_THEY_EXISTED.get(name, getattr(TrainConfig,
-                                                                                 name)))
-        if not _same_flag(name, saved_value, getattr(cfg, name)):
-            return (f"it was trained with --{name} {saved_value}, not {getattr(cfg, name)}; "
-                    f"resume with the run's original flags")
-    if 0 < cfg.epochs < saved["epochs"]:  # 0: the number the run planned, which is saved
-        return (f"it was trained with --epochs {saved['epochs']}, not {cfg.epochs}; --epochs "
-                f"may stay or grow on resume")
-    precision = PRECISION_NAMES[resolve_precision(cfg.precision, resolve_device(cfg.device))]
-    if ckpt.get("precision", precision) != precision:
-        meaning = " (what --precision auto means here)" if cfg.precision == "auto" else ""
-        return (f"it was trained with --precision {ckpt['precision']}, not {precision}"
-                f"{meaning}; resume with --precision {ckpt['precision']}")
-    if len(parse_games(cfg.env_name)) > 1 and ckpt.get("loss_version", 1) != LOSS_VERSION:
-        return ("it was written before multi-game runs weighed each game against its own "
-                "background, so its losses are not comparable; start a new run")
-    return None
-
-
-def read_checkpoint(out: Path, cfg: TrainConfig, run_token: str = "") -> tuple[Path, dict]:
-    """The newest checkpoint in ``out`` (weights only), checked to be this run's, like ``cfg``."""
-    path = latest_checkpoint(out)
-    if path is None:
-        raise AtariVaeError(f"--resume: no checkpoint_epoch_*.pt in {out} to resume from")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        mismatch = _resume_mismatch(ckpt, cfg, run_token)
-    except Exception as exc:  # truncated file, foreign file
-        raise AtariVaeError(f"--resume: cannot restore {path}: {load_error_reason(exc)}") from exc
-    if mismatch:
-        raise AtariVaeError(f"--resume: cannot restore {path}: {mismatch}")
-    return path, ckpt
-
-
-def restore_checkpoint(path: Path, ckpt: dict[str, Any], state: TrainingState, model,
-                       optimizer, scheduler, order_rng: torch.Generator) -> None:
-    """Restore model, optimizer, schedule, RNG states and loop bookkeeping from ``ckpt``."""
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-    except Exception as exc:  # a foreign file that happens to have the keys
-        raise AtariVaeError(f"--resume: cannot restore {path}: {load_error_reason(exc)}") \
-            from exc
-    torch.set_rng_state(ckpt["torch_rng"])
-    if ckpt["cuda_rng"]:
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    order_rng.set_state(ckpt["order_rng"])
-    log.info("resuming from %s (epoch %d)", path, ckpt["epoch"])
-    state.history, state.epoch = list(ckpt["history"]), ckpt["epoch"]
-    state.best_epoch, state.best_val_loss = ckpt["best_epoch"], ckpt["best_val_loss"]
-
-
 def _finish(out, model, state, cfg, val, refs, device) -> TrainResult:
-    _save_atomic(model.state_dict(), out / "final_model.pt")
+    save_atomic(model.state_dict(), out / "final_model.pt")
     files = {
         "final_model": out / "final_model.pt",
         "best_model": out / "best_model.pt",

@@ -2,13 +2,16 @@
 
     python benchmarks/probe.py survival --game Breakout --frames 20000
     python benchmarks/probe.py baselines --game Pong --frames 20000
+    python benchmarks/probe.py baselines --game Breakout --pixels
     python benchmarks/probe.py table outputs/probe/*/eval
 
 ``survival``: labelled fresh frames (evaluate's probe seed), scored for how often the ball (or
 shot) shows as a small foreground object at 64x64 (the object metric's definition, against the
 median background of the frames) and how well its RAM coordinates follow that object's
 centroid (R^2 of a line fitted on the frames with exactly one small object).
-``baselines``: the probe's random-init encoder (32 latents) and majority class, no model needed.
+``baselines``: the probe's random-init encoder (32 latents) and majority class, no model needed;
+``--pixels`` adds the same probe on the 64x64 RGB pixels themselves (12,288 features): what a
+line can read from the frames a model sees, before any encoder.
 ``table``: one markdown row per evaluate output folder with a ``state_probe.json``.
 """
 
@@ -98,6 +101,8 @@ def baselines(args: argparse.Namespace) -> None:
     test = drop_seen(test, train | val, labelled.frames_uint8)
     encoder = random_init_like(VAE(latent_dim=args.latent_dim), seed)
     features = {"random_init": encoder_means(encoder, labelled.frames_uint8)}
+    if args.pixels:
+        features["pixels"] = labelled.frames_uint8.reshape(len(labelled.frames_uint8), -1)
     report = probe_sources(features, labelled.labels(names), list(names), (train, val, test),
                            ProbeSettings(seed=seed))
     print(format_probe_table({game.title: report}))
@@ -136,6 +141,7 @@ def main() -> None:
     p.add_argument("--game", default="Pong")
     p.add_argument("--frames", type=int, default=20_000)
     p.add_argument("--latent_dim", type=int, default=32)
+    p.add_argument("--pixels", action="store_true", help="also probe the raw 64x64 RGB pixels")
     p.set_defaults(run=baselines)
     p = sub.add_parser("table", help="markdown table of evaluate folders")
     p.add_argument("folders", nargs="+")

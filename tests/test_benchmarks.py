@@ -74,3 +74,18 @@ def test_profile_step_splits_a_real_training_step_into_convolutions_and_the_rest
     conv, rest = (int(v) for v in re.findall(r"(\d+)% of self CPU time, the rest (\d+)%",
                                              done.stdout)[0])
     assert conv + rest in (99, 100, 101) and conv > 30  # convolutions dominate the step
+
+
+def test_probe_baselines_with_pixels_scores_the_raw_frames_beside_the_random_encoder(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "probe.py"), "baselines", "--game", "Breakout",
+         "--frames", "1500", "--pixels"], capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO),
+                           "ATARI_VAE_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    header = next(line for line in done.stdout.splitlines() if line.startswith("variable"))
+    assert header.split()[3:8:2] == ["majority", "random_init", "pixels"]
+    scores = [float(v) for v in next(line for line in done.stdout.splitlines()
+                                     if line.startswith("game score")).split()[2:]]
+    assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores)
+    assert scores[2] > scores[0]  # the frames say more than the most common value

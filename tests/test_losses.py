@@ -11,10 +11,13 @@ from atari_vae.losses import (
     OBJECT_SCALES_PX,
     coordinate_error,
     foreground_mask,
+    foreground_rate,
     kl_per_dim,
     locator_error,
+    mask_error,
     object_error,
     pixel_weights,
+    small_objects,
     usually_empty,
     vae_loss,
 )
@@ -190,12 +193,11 @@ def test_locator_error_is_low_for_the_right_place_uniform_for_no_idea_and_zero_w
         return (-((rows - row) ** 2 + (cols - col) ** 2) / 2).reshape(1, -1)
 
     right, wrong = bump(30, 40), bump(10, 5)
-    assert locator_error(uniform, ball, background, region).item() == pytest.approx(
-        math.log(64 * 64), rel=1e-4)
-    assert (locator_error(right, ball, background, region)
-            < locator_error(uniform, ball, background, region)
-            < locator_error(wrong, ball, background, region))
-    assert locator_error(right, background, background, region).item() == 0.0
+    small = small_objects(ball, background, region)[0]
+    assert locator_error(uniform, small).item() == pytest.approx(math.log(64 * 64), rel=1e-4)
+    assert locator_error(right, small) < locator_error(uniform, small) < locator_error(wrong, small)
+    no_ball = small_objects(background, background, region)[0]
+    assert locator_error(right, no_ball).item() == 0.0
 
 
 def test_coordinate_error_is_a_gaussian_likelihood_of_the_one_ball_in_view():
@@ -205,13 +207,14 @@ def test_coordinate_error_is_a_gaussian_likelihood_of_the_one_ball_in_view():
     ball[..., 30, 41] = 1.0  # a 1x2 ball: its centre is (30, 40.5)
     guess = torch.tensor([[33.0, 36.5]], requires_grad=True)
     log_px = torch.tensor(math.log(2.0), requires_grad=True)
-    error = coordinate_error(guess, log_px, ball, background, region)
+    small = small_objects(ball, background, region)[0]
+    error = coordinate_error(guess, log_px, small)
     assert error.item() == pytest.approx((3.0**2 + 4.0**2) / (2 * 2.0**2) + 2 * math.log(2.0))
     error.sum().backward()
     assert guess.grad[0].tolist() == pytest.approx([3.0 / 4, -4.0 / 4])  # d / s^2
     # the scale that fits a miss of 5 px best is 5 / sqrt(2) px: a good guess earns a tighter one
     scales = torch.linspace(1.0, 8.0, 141)
-    costs = [coordinate_error(guess.detach(), s.log(), ball, background, region) for s in scales]
+    costs = [coordinate_error(guess.detach(), s.log(), small) for s in scales]
     assert scales[int(torch.stack(costs).argmin())].item() == pytest.approx(5 / 2**0.5, abs=0.05)
 
 
@@ -220,5 +223,29 @@ def test_coordinate_error_asks_nothing_without_a_ball_or_with_two():
     region = usually_empty(background, background)
     two = _one_dot(10, 10) + _one_dot(50, 50)
     frames = torch.cat([background, two])
-    assert coordinate_error(torch.full((2, 2), 20.0), torch.tensor(0.0), frames, background,
-                            region).tolist() == [0.0, 0.0]
+    small = small_objects(frames, background, region)[0]
+    guess = torch.full((2, 2), 20.0)
+    assert coordinate_error(guess, torch.tensor(0.0), small).tolist() == [0.0, 0.0]
+
+
+def test_mask_error_is_the_summed_binary_cross_entropy_of_the_frame_s_foreground():
+    background = torch.zeros(1, 3, 64, 64)
+    ball = _one_dot(30, 40)
+    sure_right = torch.full((1, 64 * 64), -20.0)
+    sure_right[0, 30 * 64 + 40] = 20.0
+    assert mask_error(sure_right, ball, background).item() == pytest.approx(0.0, abs=1e-6)
+    # no idea anywhere: log 2 nats a pixel
+    assert mask_error(torch.zeros(1, 64 * 64), ball, background).item() == pytest.approx(
+        64 * 64 * math.log(2), rel=1e-5)
+    # one pixel wrong with certainty costs its ~20 nats, whichever way it is wrong
+    assert mask_error(sure_right, background, background).item() == pytest.approx(20.0, rel=1e-3)
+
+
+def test_foreground_rate_is_the_share_of_frames_each_pixel_is_foreground():
+    background = torch.zeros(1, 3, 64, 64)
+    frames = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
+    frames[:3, 0, 5, 6] = 255  # foreground in three of four frames
+    frames[0, 2, 7, 7] = 20  # 0.08 off the background: under the threshold
+    rate = foreground_rate(frames, background)
+    assert rate.shape == (1, 1, 64, 64) and rate[0, 0, 5, 6].item() == 0.75
+    assert rate.sum().item() == 0.75

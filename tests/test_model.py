@@ -101,6 +101,22 @@ def test_the_coordinate_head_is_a_line_from_z_to_a_pixel_position_and_is_read_ba
         VAE(latent_dim=8).point(z)
 
 
+def test_the_mask_head_is_a_line_from_z_to_per_pixel_foreground_logits_starting_at_the_rate():
+    vae = VAE(latent_dim=8, mask=True)
+    rate = torch.full((1, 1, 64, 64), 0.001)
+    rate[..., 60:62, 20:30] = 0.5  # a paddle's row: foreground half the time
+    vae.init_mask_bias(rate)
+    with torch.no_grad():
+        vae.mask.weight.zero_()
+        probability = torch.sigmoid(vae.foreground_logits(torch.randn(3, 8))).view(3, 64, 64)
+    assert probability[:, 60, 25].tolist() == pytest.approx([0.5] * 3)
+    assert probability[:, 10, 10].tolist() == pytest.approx([0.001] * 3, rel=1e-3)
+    rebuilt = vae_for(vae.state_dict())
+    assert rebuilt.mask is not None and vae_for(VAE(latent_dim=8).state_dict()).mask is None
+    with pytest.raises(ValueError, match="without a mask head"):
+        VAE(latent_dim=8).foreground_logits(torch.zeros(1, 8))
+
+
 def test_an_unknown_decoder_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="deconv, broadcast"):
         VAE(decoder="transformer")

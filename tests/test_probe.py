@@ -97,6 +97,16 @@ def test_probes_read_a_linearly_encoded_variable_and_noise_scores_like_chance():
     assert report.score["good"] == pytest.approx(report.f1["good"]["ball_x"])
 
 
+def test_features_with_under_ten_rows_a_coefficient_get_f1_but_no_r2():
+    features, labels = _decodable(1200, seed=1)
+    wide = torch.cat([features, torch.randn(1200, 100)], dim=1)  # 112 columns, ~840 rows
+    masks = split_episodes(np.repeat(np.arange(60), 20), seed=0)
+    report = probe_sources({"good": features, "wide": wide}, labels, ["ball_x", "lives"],
+                           masks, FAST)
+    assert "good" in report.r2 and "wide" not in report.r2
+    assert report.f1["wide"]["ball_x"] > 0.9  # the classifier still reads it
+
+
 def test_a_ball_off_screen_counts_against_r2_on_all_frames_but_not_on_screen():
     """The RAM keeps a stale position for an off-screen ball: no encoder can read it."""
     generator = torch.Generator().manual_seed(3)

@@ -58,22 +58,23 @@ def test_registered_model_serves_latent_means_through_pyfunc() -> None:
     np.testing.assert_allclose(served, mu.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_broadcast_decoder_locator_and_coordinate_head_round_trip_the_registry() -> None:
+def test_a_broadcast_decoder_and_every_head_round_trip_the_registry() -> None:
     torch.manual_seed(0)
     model = VAE(FRAME_SHAPE, latent_dim=8, decoder="broadcast", locator=True,
-                coords=True).eval()
+                coords=True, mask=True).eval()
     tracking.configure("atari-vae")
     with tracking.tracked_run("broadcast"):
         info = registry.log_vae_model(model, {"game": "Breakout"})
     mlflow.register_model(info.model_uri, "bcast")
     loaded = registry.load_registered("bcast", version=1)
     assert loaded.decoder_kind == "broadcast" and loaded.locator is not None
-    assert loaded.coords is not None
+    assert loaded.coords is not None and loaded.mask is not None
     z = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded.decode(z), model.decode(z))
         torch.testing.assert_close(loaded.locate(z), model.locate(z))
         torch.testing.assert_close(loaded.point(z), model.point(z))
+        torch.testing.assert_close(loaded.foreground_logits(z), model.foreground_logits(z))
 
 
 def test_missing_registered_name_or_alias_is_a_clear_error() -> None:

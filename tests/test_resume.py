@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from atari_vae import cli
+from atari_vae.checkpoints import resume_mismatch
 from atari_vae.config import TrainConfig
 from atari_vae.files import PARTIAL
 from atari_vae.jobs import RUN_ID_FILE
 from atari_vae.schedule import MIN_LR_FACTOR
-from atari_vae.train import _resume_mismatch
 from tests.conftest import tiny_train_flags
 from tests.test_model import _Payload
 from tests.test_train import cli_args
@@ -299,15 +299,18 @@ def test_resume_refuses_each_flag_that_changes_the_result_naming_it(finished, fl
 
 
 def test_a_checkpoint_older_than_a_loss_term_s_flag_trained_without_that_term():
-    # --loc_weight's default is 30 today; a checkpoint from before the flag trained without it
+    # --loc_weight's default is 30 and --mask_weight's 10 today; a checkpoint from before the
+    # flags trained without them
     saved = {k: v for k, v in asdict(TrainConfig()).items()
-             if k not in ("loc_weight", "coord_weight")}
+             if k not in ("loc_weight", "coord_weight", "mask_weight")}
     ckpt = {"run_token": "t", "config": saved}
-    assert _resume_mismatch(ckpt, TrainConfig(), "t") == (
+    assert resume_mismatch(ckpt, TrainConfig(), "t") == (
         "it was trained with --loc_weight 0.0, not 30.0; resume with the run's original flags")
-    assert _resume_mismatch(ckpt, TrainConfig(loc_weight=0.0), "t") is None
-    assert "--coord_weight 0.0, not 30.0" in _resume_mismatch(
+    assert resume_mismatch(ckpt, TrainConfig(loc_weight=0.0, mask_weight=0.0), "t") is None
+    assert "--coord_weight 0.0, not 30.0" in resume_mismatch(
         ckpt, TrainConfig(loc_weight=0.0, coord_weight=30.0), "t")
+    assert "--mask_weight 0.0, not 10.0" in resume_mismatch(
+        ckpt, TrainConfig(loc_weight=0.0, mask_weight=10.0), "t")
 
 
 def test_a_larger_epochs_extends_the_run_at_the_final_rate_of_its_schedule(tmp_path):
