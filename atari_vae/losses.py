@@ -197,14 +197,16 @@ def mask_error(logits: torch.Tensor, x: torch.Tensor, background: torch.Tensor) 
                                                  reduction="none").sum(dim=1)
 
 
-def foreground_rate(frames_uint8: torch.Tensor, background: torch.Tensor,
-                    max_frames: int = 4096) -> torch.Tensor:
+def foreground_rate(frames_uint8: torch.Tensor, backgrounds: torch.Tensor,
+                    game_ids: torch.Tensor, max_frames: int = 4096) -> torch.Tensor:
     """(1, 1, H, W): the share of ``frames_uint8`` (N, 3, H, W), up to ``max_frames`` evenly
-    spaced, in which each pixel is foreground against ``background``."""
+    spaced, in which each pixel is foreground against its own game's background
+    (``backgrounds`` (n_games, 3, H, W), indexed by ``game_ids`` (N,))."""
     rows = torch.linspace(0, len(frames_uint8) - 1, min(len(frames_uint8), max_frames)).long()
-    total = torch.zeros(1, 1, *frames_uint8.shape[-2:], device=frames_uint8.device)
-    for chunk in rows.to(frames_uint8.device).split(512):
+    total = torch.zeros(1, 1, *frames_uint8.shape[-2:], device=backgrounds.device)
+    for chunk in rows.to(backgrounds.device).split(512):
         x = frames_uint8[chunk].float() / 255.0
+        background = backgrounds[game_ids[chunk]]
         total += foreground_mask(x, background).float().sum(dim=0, keepdim=True)
     return total / len(rows)
 
@@ -219,7 +221,7 @@ def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
              free_bits: float = 0.0, extra_recon: torch.Tensor | float = 0.0) -> LossTerms:
     """Weighted negative ELBO for a batch; see the module docstring for the formula.
 
-    ``extra_recon``: the weighted ball terms per image (N,) (obj_weight * object_error +
+    ``extra_recon``: the weighted state terms per image (N,) (obj_weight * object_error +
     loc_weight * locator_error + coord_weight * coordinate_error + mask_weight * mask_error),
     or 0 when all are off.
     """

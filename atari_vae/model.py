@@ -140,6 +140,8 @@ class VAE(nn.Module):
     def init_mask_bias(self, rate: torch.Tensor) -> None:
         """Start the mask head at logit(rate): (1, 1, H, W), the share of training frames in
         which each pixel is foreground, so its first steps are not spent learning the bricks."""
+        if self.mask is None:
+            raise ValueError("this VAE was built without a mask head (mask=True adds one)")
         self.mask.bias.copy_(torch.logit(rate.flatten(), eps=1e-3))
 
     def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

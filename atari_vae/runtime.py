@@ -54,12 +54,18 @@ def cpu_has_fast_bf16() -> bool:
     is not capped below them (``ONEDNN_MAX_CPU_ISA=AVX2`` makes this CPU train as an AVX2 one)."""
     if onednn_isa_cap() in ISA_CAPS_WITHOUT_BF16:
         return False
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (/proc/cpuinfo); empty where it reports none."""
     try:
         with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
+            return {flag for line in fh if line.startswith("flags")
+                    for flag in line.split(":", 1)[1].split()}
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:

@@ -111,7 +111,8 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
         model = model.to(memory_format=torch.channels_last)
     model.init_output_bias(background)
     if model.mask is not None:
-        model.init_mask_bias(foreground_rate(frames, background))
+        model.init_mask_bias(foreground_rate(frames, refs.backgrounds,
+                                             train_set.game_ids.to(device)))
     # One fused kernel instead of ~10 ops per parameter: +2-4 % images/s on CPU (measured).
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
                                  fused=device.type in ("cpu", "cuda"))
@@ -198,8 +199,9 @@ def _build(cfg: TrainConfig) -> VAE:
 def _loss_terms(model, x, mean_frame, background, cfg,
                 dtype) -> tuple[LossTerms, torch.Tensor]:
     """(the training objective (``losses`` docstring) for frames of these references, x_hat);
-    z is sampled in training mode and the posterior mean in eval mode. The locator and the
-    coordinate head read the posterior mean, which is what a planner and the state probe read."""
+    z is sampled in training mode and the posterior mean in eval mode. The locator, the
+    coordinate head and the mask head read the posterior mean, which is what a planner and the
+    state probe read."""
     with autocast(x.device, dtype):
         mu, logvar = model.encode(x)
         z = model.reparameterize(mu, logvar)

@@ -39,13 +39,12 @@ ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY
 
 
 def precisions() -> dict[str, torch.dtype]:
-    """The precisions worth timing here: bf16 only where oneDNN may use bf16 instructions (under
-    `benchmarks/as_avx2.sh` it may not, and its fallback runs ~1000x slower than fp32)."""
-    from atari_vae.runtime import ISA_CAPS_WITHOUT_BF16, onednn_isa_cap
+    """The precisions worth timing here: bf16 only where the CPU has bf16 instructions that
+    oneDNN may use (not on AVX2 CPUs, nor under `benchmarks/as_avx2.sh`: there its fallback
+    runs ~1000x slower than fp32)."""
+    from atari_vae.runtime import cpu_has_fast_bf16
 
-    if onednn_isa_cap() in ISA_CAPS_WITHOUT_BF16:
-        return {"fp32": torch.float32}
-    return PRECISIONS
+    return PRECISIONS if cpu_has_fast_bf16() else {"fp32": torch.float32}
 ROWS: list[dict] = []
 
 
@@ -151,7 +150,7 @@ def bench_train(ctx: dict) -> None:
         for name, dtype in precisions().items():
             for layout in ("contiguous", "channels_last"):
                 torch.manual_seed(0)
-                model = train._build(cfg)  # the default VAE, locator included
+                model = train._build(cfg)  # the default VAE, its heads included
                 model.init_output_bias(refs.backgrounds)
                 if layout == "channels_last":
                     model = model.to(memory_format=torch.channels_last)

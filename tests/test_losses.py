@@ -246,6 +246,12 @@ def test_foreground_rate_is_the_share_of_frames_each_pixel_is_foreground():
     frames = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
     frames[:3, 0, 5, 6] = 255  # foreground in three of four frames
     frames[0, 2, 7, 7] = 20  # 0.08 off the background: under the threshold
-    rate = foreground_rate(frames, background)
+    rate = foreground_rate(frames, background, torch.zeros(4, dtype=torch.int64))
     assert rate.shape == (1, 1, 64, 64) and rate[0, 0, 5, 6].item() == 0.75
     assert rate.sum().item() == 0.75
+    # each frame against its own game's background: in game 1 that pixel is lit backdrop, so
+    # only the frame where it is dark differs there
+    lit = background.clone()
+    lit[0, 0, 5, 6] = 1.0
+    rate = foreground_rate(frames, torch.cat([background, lit]), torch.ones(4, dtype=torch.int64))
+    assert rate[0, 0, 5, 6].item() == 0.25 and rate.sum().item() == 0.25

@@ -56,16 +56,20 @@ def test_fp32_autocast_leaves_matmuls_in_fp32_and_bf16_lowers_them() -> None:
         assert (a @ b).dtype is torch.bfloat16
 
 
-def _cpuinfo_has_bf16() -> bool:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "avx512_bf16" in text or "amx_bf16" in text
-
-
-@pytest.mark.parametrize("cap", ["AVX2", "avx512_core", "AVX512_CORE_BF16", None])
+@pytest.mark.parametrize(("flags", "cap", "expected"), [
+    ({"avx2", "avx512_bf16"}, None, torch.bfloat16),
+    ({"avx2", "amx_bf16"}, None, torch.bfloat16),
+    ({"avx2", "fma"}, None, torch.float32),  # most laptops
+    ({"avx2", "avx512_bf16"}, "AVX2", torch.float32),
+    ({"avx2", "avx512_bf16"}, "avx512_core", torch.float32),
+    ({"avx2", "avx512_bf16"}, "AVX512_CORE_BF16", torch.bfloat16),
+])
 def test_auto_precision_follows_the_cpu_flags_and_a_onednn_isa_cap(
-        cap: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+        flags: set[str], cap: str | None, expected: torch.dtype,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """ONEDNN_MAX_CPU_ISA=AVX2 makes an AVX512-BF16 CPU train as an AVX2 one: fp32, because
     oneDNN's capped bf16 matmuls crawl."""
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     if cap is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
@@ -73,11 +77,17 @@ def test_auto_precision_follows_the_cpu_flags_and_a_onednn_isa_cap(
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     runtime.cpu_has_fast_bf16.cache_clear()
     try:
-        capped = cap is not None and cap.upper() in ("AVX2", "AVX512_CORE")
-        expected = torch.bfloat16 if _cpuinfo_has_bf16() and not capped else torch.float32
         assert resolve_precision("auto", torch.device("cpu")) is expected
     finally:
         runtime.cpu_has_fast_bf16.cache_clear()
+
+
+def test_cpu_flags_are_this_machine_s_feature_words() -> None:
+    flags = runtime.cpu_flags()
+    if Path("/proc/cpuinfo").exists():
+        assert "fpu" in flags and all(" " not in f for f in flags)
+    else:
+        assert flags == set()
 
 
 def test_seed_everything_repeats_torch_and_numpy_draws() -> None:
