@@ -46,13 +46,13 @@ def latest_checkpoint(out: Path) -> Path | None:
 # Flags a resumed run must share with the checkpoint: they fix the frames, split, model, loss
 # and optimiser. --precision is compared as resolved (bf16 or fp32); --epochs may grow.
 RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split", "latent_dim",
-                     "batch_size", "lr", "kl_weight", "fg_weight", "obj_weight", "loc_weight",
-                     "coord_weight", "mask_weight", "free_bits", "decoder", "collect_policy",
-                     "policy_mix")
+                     "base_channels", "batch_size", "lr", "kl_weight", "fg_weight", "obj_weight",
+                     "loc_weight", "coord_weight", "mask_weight", "free_bits", "decoder",
+                     "collect_policy", "policy_mix")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-# Loss terms that came with their flag: a checkpoint that predates the flag trained without them.
-OFF_BEFORE_THEY_EXISTED = {"obj_weight": 0.0, "loc_weight": 0.0, "coord_weight": 0.0,
-                           "mask_weight": 0.0}
+# A checkpoint that predates a flag trained as these say: loss terms off, the 32-256 wide net.
+BEFORE_THEY_EXISTED = {"obj_weight": 0.0, "loc_weight": 0.0, "coord_weight": 0.0,
+                       "mask_weight": 0.0, "base_channels": 32}
 
 
 def _same_flag(name: str, saved: Any, given: Any) -> bool:
@@ -69,7 +69,7 @@ def resume_mismatch(ckpt: dict[str, Any], cfg: TrainConfig, run_token: str) -> s
     saved = ckpt["config"]
     for name in RESUME_MUST_MATCH:  # load_state_dict's own message is many lines long
         # A flag newer than the checkpoint was off then (a loss term), else at its default.
-        saved_value = saved.get(name, OFF_BEFORE_THEY_EXISTED.get(name, getattr(TrainConfig,
+        saved_value = saved.get(name, BEFORE_THEY_EXISTED.get(name, getattr(TrainConfig,
                                                                                  name)))
         if not _same_flag(name, saved_value, getattr(cfg, name)):
             return (f"it was trained with --{name} {saved_value}, not {getattr(cfg, name)}; "

@@ -64,12 +64,16 @@ class TrainConfig(DataConfig):
     decoder: str = flag(
         "deconv", "Decoder: deconv (four stride-2 deconvolutions from a 4x4 grid) or broadcast "
         "(deconv plus a spatial broadcast path that places small objects).", choices=DECODERS)
+    base_channels: int = flag(
+        16, "Channels of the encoder's first stride-2 stage; the next three have 2x, 4x and 8x "
+        "as many, and the decoder mirrors them. 32 is the classic 32-256 (World Models) "
+        "width, at 3x the compute a frame.")
     batch_size: int = flag(128, "Frames per optimisation step.")
     epochs: int = flag(
         0, "Passes over the training frames; 0 = as many whole passes as it takes to reach "
         "--train_steps optimizer steps (so a run's length barely depends on the game).")
     train_steps: int = flag(
-        2000, "With --epochs 0: optimizer steps the run is sized for, rounded up to whole "
+        4000, "With --epochs 0: optimizer steps the run is sized for, rounded up to whole "
         "passes over the training frames.")
     lr: float = flag(
         2e-3, "Adam learning rate: linear warm-up over the first epoch, then cosine decay to 5%.")
@@ -131,7 +135,8 @@ class TrainConfig(DataConfig):
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
         _validate_common(self)
-        _positive(self, "latent_dim", "batch_size", "train_steps", "checkpoint_freq")
+        _positive(self, "latent_dim", "base_channels", "batch_size", "train_steps",
+                  "checkpoint_freq")
         _non_negative(self, "epochs")
         _positive(self, "lr", "fg_weight")
         _non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",

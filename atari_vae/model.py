@@ -10,8 +10,11 @@ from torch import nn
 
 from atari_vae.config import DECODERS
 
-ENCODER_CHANNELS = (32, 64, 128, 256)
+STAGES = 4  # stride-2 convolutions: 64x64 -> 4x4
 BROADCAST_CHANNELS = 64
+# What VAE() was built with before a knob existed, for models saved before it: all 32-256 wide.
+LEGACY_ARCHITECTURE = {"decoder": "deconv", "base_channels": 32, "locator": False,
+                       "coords": False, "mask": False}
 
 
 class BroadcastDecoder(nn.Module):
@@ -40,25 +43,30 @@ class BroadcastDecoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """Conv VAE for (3, 64, 64) frames in [0, 1]; four stride-2 stages down to 4x4 and back up."""
+    """Conv VAE for (3, 64, 64) frames in [0, 1]; four stride-2 stages down to 4x4 and back up,
+    with base_channels, 2x, 4x and 8x as many channels (the decoder mirrors the encoder)."""
 
     def __init__(self, input_shape: tuple[int, int, int] = (3, 64, 64), latent_dim: int = 32,
                  decoder: str = "deconv", locator: bool = False, coords: bool = False,
-                 mask: bool = False):
+                 mask: bool = False, base_channels: int = 16):
         super().__init__()
         channels, height, width = input_shape
         if height % 16 or width % 16:
             raise ValueError(f"input height and width must be multiples of 16, got {input_shape}")
+        if base_channels < 1:
+            raise ValueError(f"base_channels must be at least 1, got {base_channels}")
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
         self.decoder_kind = decoder
-        self._grid = (ENCODER_CHANNELS[-1], height // 16, width // 16)
-        flat = ENCODER_CHANNELS[-1] * (height // 16) * (width // 16)
+        self.base_channels = base_channels
+        widths = [base_channels * 2 ** stage for stage in range(STAGES)]
+        self._grid = (widths[-1], height // 16, width // 16)
+        flat = widths[-1] * (height // 16) * (width // 16)
 
         layers, in_ch = [], channels
-        for out_ch in ENCODER_CHANNELS:
+        for out_ch in widths:
             layers += [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
             in_ch = out_ch
         self.encoder = nn.Sequential(*layers, nn.Flatten())
@@ -67,7 +75,7 @@ class VAE(nn.Module):
 
         self.from_z = nn.Linear(latent_dim, flat)
         layers = []
-        for out_ch in (*reversed(ENCODER_CHANNELS[:-1]), channels):
+        for out_ch in (*reversed(widths[:-1]), channels):
             layers += [nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1),
                        nn.LeakyReLU(0.2)]
             in_ch = out_ch
@@ -96,6 +104,13 @@ class VAE(nn.Module):
         # A per-pixel output bias, independent of the input: set to the training background's
         # logits before training, so the decoder spends z on moving objects, not the backdrop.
         self.output_bias = nn.Parameter(torch.zeros(input_shape))
+
+    def architecture(self) -> dict:
+        """The keyword arguments that build a VAE of this shape: ``VAE(**vae.architecture())``."""
+        return {"input_shape": list(self.input_shape), "latent_dim": self.latent_dim,
+                "decoder": self.decoder_kind, "base_channels": self.base_channels,
+                "locator": self.locator is not None, "coords": self.coords is not None,
+                "mask": self.mask is not None}
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, 64, 64) in [0, 1] -> posterior mean and log-variance, each (N, latent_dim)."""
@@ -173,9 +188,17 @@ def decoder_of(state_dict: dict[str, torch.Tensor]) -> str:
     return "broadcast" if any(k.startswith("broadcast.") for k in state_dict) else "deconv"
 
 
+def vae_from_architecture(config: dict) -> VAE:
+    """A fresh VAE from a saved ``architecture()`` dict; other keys are ignored, and keys a
+    model saved before they existed take their LEGACY_ARCHITECTURE value."""
+    keys = {"input_shape", "latent_dim", *LEGACY_ARCHITECTURE}
+    return VAE(**{**LEGACY_ARCHITECTURE, **{k: v for k, v in config.items() if k in keys}})
+
+
 def vae_for(state_dict: dict[str, torch.Tensor],
             input_shape: tuple[int, int, int] = (3, 64, 64)) -> VAE:
     """A freshly built VAE of the shape ``state_dict`` was trained with (weights not loaded)."""
     return VAE(input_shape, latent_dim_of(state_dict), decoder_of(state_dict),
                locator="locator.weight" in state_dict, coords="coords.weight" in state_dict,
-               mask="mask.weight" in state_dict)
+               mask="mask.weight" in state_dict,
+               base_channels=int(state_dict["encoder.0.weight"].shape[0]))

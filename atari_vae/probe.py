@@ -288,8 +288,7 @@ def random_init_like(model: VAE, seed: int) -> VAE:
     """A VAE of ``model``'s architecture with fresh, seeded initial weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        fresh = VAE(model.input_shape, model.latent_dim, model.decoder_kind,
-                    model.locator is not None, model.coords is not None, model.mask is not None)
+        fresh = VAE(**model.architecture())
     return fresh.to(next(model.parameters()).device)
 
 

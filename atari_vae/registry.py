@@ -22,7 +22,7 @@ import torch
 from atari_vae.envs import FRAME_SHAPE
 from atari_vae.errors import AtariVaeError
 from atari_vae.files import atomic_path, atomic_write_text, load_error_reason
-from atari_vae.model import VAE, vae_for
+from atari_vae.model import VAE, vae_for, vae_from_architecture
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -39,10 +39,7 @@ def save_vae_dir(model: VAE, directory: Path, metadata: dict[str, Any] | None = 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(directory / "model.safetensors") as tmp:
         tmp.write_bytes(save(state))  # save_file would recreate the file 0600
-    config = {"format_version": FORMAT_VERSION, "input_shape": list(model.input_shape),
-              "latent_dim": model.latent_dim, "decoder": model.decoder_kind,
-              "locator": model.locator is not None, "coords": model.coords is not None,
-              "mask": model.mask is not None,
+    config = {"format_version": FORMAT_VERSION, **model.architecture(),
               "preprocessing": PREPROCESSING,
               **(metadata or {})}
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2))
@@ -59,9 +56,7 @@ def load_vae_dir(directory: str | Path, device: str | torch.device = "cpu") -> V
         state = load_file(str(directory / "model.safetensors"), device=str(device))
     except (OSError, ValueError) as exc:
         raise AtariVaeError(f"{directory} is not a saved atari-vae model: {exc}") from exc
-    model = VAE(tuple(config["input_shape"]), config["latent_dim"],
-                config.get("decoder", "deconv"), config.get("locator", False),
-                config.get("coords", False), config.get("mask", False))
+    model = vae_from_architecture(config)
     model.load_state_dict(state)
     return model.to(device).eval()
 

@@ -193,7 +193,8 @@ def _batches(val: ValFrames, refs: GameReferences, batch_size: int):
 
 def _build(cfg: TrainConfig) -> VAE:
     return VAE(FRAME_SHAPE, cfg.latent_dim, cfg.decoder, locator=cfg.loc_weight > 0,
-               coords=cfg.coord_weight > 0, mask=cfg.mask_weight > 0)
+               coords=cfg.coord_weight > 0, mask=cfg.mask_weight > 0,
+               base_channels=cfg.base_channels)
 
 
 def _loss_terms(model, x, mean_frame, background, cfg,

@@ -15,7 +15,7 @@ from atari_vae.errors import AtariVaeError, ConfigError
 # the time-to-quality issue measured both better and 4x faster (README, "Default settings").
 ISSUE_TRAIN_DEFAULTS = dict(
     env_name="Breakout", latent_dim=32, num_episodes=300, max_steps=1000, batch_size=128,
-    epochs=0, train_steps=2000, val_split=0.1, device="auto",
+    epochs=0, train_steps=4000, base_channels=16, val_split=0.1, device="auto",
     output_dir="outputs/vae_training", checkpoint_freq=10, seed=42)
 
 

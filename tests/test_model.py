@@ -13,7 +13,7 @@ from atari_vae.config import TrainConfig
 from atari_vae.data import load_or_collect, split_by_episode
 from atari_vae.envs import resolve_game
 from atari_vae.errors import AtariVaeError
-from atari_vae.model import decoder_of, latent_dim_of, vae_for
+from atari_vae.model import decoder_of, latent_dim_of, vae_for, vae_from_architecture
 from atari_vae.train import fit
 from tests.conftest import REPO, tiny_train_flags
 
@@ -115,6 +115,32 @@ def test_the_mask_head_is_a_line_from_z_to_per_pixel_foreground_logits_starting_
     assert rebuilt.mask is not None and vae_for(VAE(latent_dim=8).state_dict()).mask is None
     with pytest.raises(ValueError, match="without a mask head"):
         VAE(latent_dim=8).foreground_logits(torch.zeros(1, 8))
+
+
+def test_base_channels_doubles_stage_by_stage_and_vae_for_rebuilds_the_width():
+    vae = VAE(latent_dim=8, base_channels=8, mask=True)
+    widths = [m.out_channels for m in vae.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [8, 16, 32, 64]
+    assert vae.to_mu.in_features == 64 * 4 * 4
+    rebuilt = vae_for(vae.state_dict())
+    assert rebuilt.base_channels == 8
+    rebuilt.load_state_dict(vae.state_dict())  # strict: every shape matches
+    with pytest.raises(ValueError, match="base_channels must be at least 1"):
+        VAE(base_channels=0)
+
+
+def test_the_architecture_dict_rebuilds_the_model_and_a_pre_width_one_means_32_wide():
+    vae = VAE(latent_dim=8, decoder="broadcast", locator=True, base_channels=8)
+    again = vae_from_architecture({**vae.architecture(), "format_version": 1})
+    again.load_state_dict(vae.state_dict())
+    old = vae_from_architecture({"input_shape": [3, 64, 64], "latent_dim": 8, "mask": True})
+    assert old.base_channels == 32 and old.mask is not None and old.locator is None
+
+
+def test_the_model_s_defaults_are_the_training_defaults():
+    built, defaults = VAE().architecture(), TrainConfig()
+    assert (built["latent_dim"], built["decoder"], built["base_channels"]) == (
+        defaults.latent_dim, defaults.decoder, defaults.base_channels)
 
 
 def test_an_unknown_decoder_is_refused_naming_the_choices():

@@ -58,10 +58,10 @@ def test_registered_model_serves_latent_means_through_pyfunc() -> None:
     np.testing.assert_allclose(served, mu.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_broadcast_decoder_and_every_head_round_trip_the_registry() -> None:
+def test_a_broadcast_decoder_every_head_and_the_width_round_trip_the_registry() -> None:
     torch.manual_seed(0)
     model = VAE(FRAME_SHAPE, latent_dim=8, decoder="broadcast", locator=True,
-                coords=True, mask=True).eval()
+                coords=True, mask=True, base_channels=8).eval()
     tracking.configure("atari-vae")
     with tracking.tracked_run("broadcast"):
         info = registry.log_vae_model(model, {"game": "Breakout"})
@@ -69,6 +69,7 @@ def test_a_broadcast_decoder_and_every_head_round_trip_the_registry() -> None:
     loaded = registry.load_registered("bcast", version=1)
     assert loaded.decoder_kind == "broadcast" and loaded.locator is not None
     assert loaded.coords is not None and loaded.mask is not None
+    assert loaded.base_channels == 8
     z = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded.decode(z), model.decode(z))

@@ -298,6 +298,13 @@ def test_resume_refuses_each_flag_that_changes_the_result_naming_it(finished, fl
     assert not Path("mlflow.db").exists()  # refused before any MLflow run
 
 
+def test_a_checkpoint_older_than_base_channels_was_trained_32_wide():
+    saved = {k: v for k, v in asdict(TrainConfig()).items() if k != "base_channels"}
+    ckpt = {"run_token": "t", "config": saved}
+    assert "--base_channels 32, not 16" in resume_mismatch(ckpt, TrainConfig(), "t")
+    assert resume_mismatch(ckpt, TrainConfig(base_channels=32), "t") is None
+
+
 def test_a_checkpoint_older_than_a_loss_term_s_flag_trained_without_that_term():
     # --loc_weight's default is 30 and --mask_weight's 10 today; a checkpoint from before the
     # flags trained without them

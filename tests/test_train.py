@@ -202,10 +202,12 @@ def _file_size_limit(limit_bytes: int):
 
 
 def test_a_full_disk_gives_one_line_naming_the_file_and_the_run_ends_failed(tmp_path):
-    # 8 MB holds the store and best_model.pt (~6 MB) but not a checkpoint with Adam's state.
+    # 8 MB holds the store and best_model.pt (~6 MB at --base_channels 32) but not a
+    # checkpoint with Adam's state.
     out = tmp_path / "out"
+    flags = tiny_train_flags(out, epochs=1, base_channels=32)
     result = subprocess.run([str(Path(sys.executable).with_name("atari-vae")), "train",
-                             *cli_args(tiny_train_flags(out, epochs=1))], cwd=tmp_path,
+                             *cli_args(flags)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600,
                             preexec_fn=_file_size_limit(8_000_000))
     assert result.returncode == 1, result.stderr[-3000:]
