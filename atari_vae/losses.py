@@ -60,15 +60,16 @@ def foreground_mask(x: torch.Tensor, background: torch.Tensor,
 
 
 def pixel_weights(x: torch.Tensor, background: torch.Tensor, fg_weight: float,
-                  x_hat: torch.Tensor | None = None) -> torch.Tensor:
+                  x_hat: torch.Tensor | None = None,
+                  fg: torch.Tensor | None = None) -> torch.Tensor:
     """(N, 1, H, W) weights: ``fg_weight`` where target or reconstruction is foreground, else 1.
 
     Weighting the reconstruction's foreground too makes a hedged object (a faint paddle smeared
     along its row or column) as costly as a missing one. On the reconstruction side the weight
     ramps up with the deviation from the background, so faint smears under the 0.1 threshold
-    are not free either.
+    are not free either. ``fg``: ``foreground_mask(x, background)`` if the caller has it.
     """
-    fg = foreground_mask(x, background).to(x.dtype)
+    fg = (foreground_mask(x, background) if fg is None else fg).to(x.dtype)
     if x_hat is not None:
         deviation = (x_hat.detach().float() - background).abs().amax(dim=1, keepdim=True)
         fg = torch.maximum(fg, (deviation / FG_THRESHOLD).clamp(max=1.0))
@@ -106,12 +107,13 @@ def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return _separable_filter(image, kernel / kernel.sum())
 
 
-def small_objects(x: torch.Tensor, background: torch.Tensor,
-                  region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def small_objects(x: torch.Tensor, background: torch.Tensor, region: torch.Tensor,
+                  fg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(small, large): (N, 1, H, W) float masks of ``x``'s foreground pixels in small objects
     (at most SMALL_OBJECT_MAX_PIXELS foreground pixels in a 5x5 neighbourhood, inside
-    ``region``) and of the rest of its foreground (paddles, bricks, digits)."""
-    fg = foreground_mask(x, background).float()
+    ``region``) and of the rest of its foreground (paddles, bricks, digits); ``fg`` as in
+    ``pixel_weights``."""
+    fg = (foreground_mask(x, background) if fg is None else fg).float()
     box = torch.ones(5, device=x.device)
     crowded = fg * (_separable_filter(fg, box) > SMALL_OBJECT_MAX_PIXELS + 0.5)
     # Not small if any crowded foreground pixel is near: the end of a paddle is crowded one
@@ -189,10 +191,11 @@ def coordinate_error(points: torch.Tensor, log_px: torch.Tensor,
     return torch.where(one, nll, 0.0)
 
 
-def mask_error(logits: torch.Tensor, x: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+def mask_error(logits: torch.Tensor, x: torch.Tensor, background: torch.Tensor,
+               fg: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) binary cross-entropy in nats, summed over pixels, of the mask head's ``logits``
-    (N, H*W) against ``x``'s foreground mask (``foreground_mask``)."""
-    target = foreground_mask(x, background).flatten(1).float()
+    (N, H*W) against ``x``'s foreground mask (``foreground_mask``, or ``fg`` if given)."""
+    target = (foreground_mask(x, background) if fg is None else fg).flatten(1).float()
     return nn_f.binary_cross_entropy_with_logits(logits.float(), target,
                                                  reduction="none").sum(dim=1)
 

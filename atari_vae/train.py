@@ -32,6 +32,7 @@ from atari_vae.files import atomic_path, remove_partial_files
 from atari_vae.losses import (
     LossTerms,
     coordinate_error,
+    foreground_mask,
     foreground_rate,
     locator_error,
     mask_error,
@@ -210,20 +211,21 @@ def _loss_terms(model, x, mean_frame, background, cfg,
         where_logits = model.locate(mu) if cfg.loc_weight else None
         points = model.point(mu) if cfg.coord_weight else None
         mask_logits = model.foreground_logits(mu) if cfg.mask_weight else None
-    weights = pixel_weights(x, background, cfg.fg_weight, x_hat)
+    fg = foreground_mask(x, background)  # one pass for every term that needs it
+    weights = pixel_weights(x, background, cfg.fg_weight, x_hat, fg)
     extra = 0.0
     if cfg.obj_weight or cfg.loc_weight or cfg.coord_weight:
         region = usually_empty(mean_frame, background)
     if cfg.obj_weight:
         extra = extra + cfg.obj_weight * object_error(x_hat, x, background, region)
     if cfg.loc_weight or cfg.coord_weight:
-        small, _ = small_objects(x, background, region)  # the ball's pixels, found once
+        small, _ = small_objects(x, background, region, fg)  # the ball's pixels, found once
     if cfg.loc_weight:
         extra = extra + cfg.loc_weight * locator_error(where_logits, small)
     if cfg.coord_weight:
         extra = extra + cfg.coord_weight * coordinate_error(points, model.coords_log_px, small)
     if cfg.mask_weight:
-        extra = extra + cfg.mask_weight * mask_error(mask_logits, x, background)
+        extra = extra + cfg.mask_weight * mask_error(mask_logits, x, background, fg)
     return vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits, extra), x_hat
 
 

@@ -255,3 +255,22 @@ def test_foreground_rate_is_the_share_of_frames_each_pixel_is_foreground():
     lit[0, 0, 5, 6] = 1.0
     rate = foreground_rate(frames, torch.cat([background, lit]), torch.ones(4, dtype=torch.int64))
     assert rate[0, 0, 5, 6].item() == 0.25 and rate.sum().item() == 0.25
+
+
+def test_a_foreground_mask_passed_in_gives_what_each_term_computes_itself():
+    torch.manual_seed(0)
+    background = torch.zeros(1, 3, 64, 64)
+    x = (torch.rand(4, 3, 64, 64) > 0.98).float()  # scattered foreground pixels
+    x_hat = torch.rand(4, 3, 64, 64) * 0.2
+    fg = foreground_mask(x, background)
+    region = torch.ones(1, 1, 64, 64)
+    logits = torch.randn(4, 64 * 64)
+    assert torch.equal(pixel_weights(x, background, 30.0, x_hat, fg),
+                       pixel_weights(x, background, 30.0, x_hat))
+    for passed, own in zip(small_objects(x, background, region, fg),
+                           small_objects(x, background, region)):
+        assert torch.equal(passed, own)
+    assert torch.equal(mask_error(logits, x, background, fg), mask_error(logits, x, background))
+    # and a different mask really is used: the terms are not computed from x regardless
+    assert not torch.equal(mask_error(logits, x, background, ~fg),
+                           mask_error(logits, x, background))
