@@ -68,7 +68,7 @@ def resume_mismatch(ckpt: dict[str, Any], cfg: TrainConfig, run_token: str) -> s
                 "give another --output_dir for a new run")
     saved = ckpt["config"]
     for name in RESUME_MUST_MATCH:  # load_state_dict's own message is many lines long
-        # A flag newer than the checkpoint was off then (a loss term), else at its default.
+        # A flag newer than the checkpoint had its BEFORE_THEY_EXISTED value, else its default.
         saved_value = saved.get(name, BEFORE_THEY_EXISTED.get(name, getattr(TrainConfig,
                                                                                  name)))
         if not _same_flag(name, saved_value, getattr(cfg, name)):

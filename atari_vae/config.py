@@ -67,7 +67,7 @@ class TrainConfig(DataConfig):
     base_channels: int = flag(
         16, "Channels of the encoder's first stride-2 stage; the next three have 2x, 4x and 8x "
         "as many, and the decoder mirrors them. 32 is the classic 32-256 (World Models) "
-        "width, at 3x the compute a frame.")
+        "width, at 3.7x the compute a frame.")
     batch_size: int = flag(128, "Frames per optimisation step.")
     epochs: int = flag(
         0, "Passes over the training frames; 0 = as many whole passes as it takes to reach "

@@ -143,7 +143,7 @@ def random_encoder_like(vae: torch.nn.Module, seed: int) -> torch.nn.Module:
     """The control's encoder: the same architecture, freshly initialised from ``seed``."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        control = type(vae)(vae.input_shape, vae.latent_dim)
+        control = type(vae)(**vae.architecture())
     device = next(vae.parameters()).device
     return control.to(device).eval()
 

@@ -151,7 +151,7 @@ def _bench_train_width(ctx: dict, train_set, cfg) -> None:
 
     flops = flops_per_image(cfg)
     width = f"--base_channels {cfg.base_channels}"
-    row("train", f"model FLOPs per image, forward+backward, {width}", flops / 1e9, "GFLOP")
+    row("train", f"model FLOPs/image fwd+bwd, {width}", flops / 1e9, "GFLOP")
     subset = train_set.subset(torch.arange(min(len(train_set), 8 * cfg.batch_size)))
     warm = train_set.subset(torch.arange(2 * cfg.batch_size))
     refs = game_references(subset.frames_uint8, subset.game_ids, 1)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atari_vae.config import TrainConfig
 from atari_vae.envs import resolve_game, to_float
 from atari_vae.evaluate import PROBE_SEED_OFFSET
 from atari_vae.metrics import SMALL_OBJECT_MAX_PIXELS, reference_frames, small_object_labels
@@ -99,7 +100,8 @@ def baselines(args: argparse.Namespace) -> None:
     names = variables(game)
     train, val, test = split_episodes(labelled.episode_ids, seed)
     test = drop_seen(test, train | val, labelled.frames_uint8)
-    encoder = random_init_like(VAE(latent_dim=args.latent_dim), seed)
+    encoder = random_init_like(VAE(latent_dim=args.latent_dim,
+                                   base_channels=args.base_channels), seed)
     features = {"random_init": encoder_means(encoder, labelled.frames_uint8)}
     if args.pixels:
         features["pixels"] = labelled.frames_uint8.reshape(len(labelled.frames_uint8), -1)
@@ -141,6 +143,8 @@ def main() -> None:
     p.add_argument("--game", default="Pong")
     p.add_argument("--frames", type=int, default=20_000)
     p.add_argument("--latent_dim", type=int, default=32)
+    p.add_argument("--base_channels", type=int, default=TrainConfig().base_channels,
+                   help="the random-init encoder's width (32: the net before 2026-11-30)")
     p.add_argument("--pixels", action="store_true", help="also probe the raw 64x64 RGB pixels")
     p.set_defaults(run=baselines)
     p = sub.add_parser("table", help="markdown table of evaluate folders")
