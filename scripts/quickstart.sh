@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY=true
 # A run owns its output directory (a second run into it is refused), so each quickstart gets its own.
 out=outputs/quickstart-$(date +%Y%m%d-%H%M%S)
 mlflow run . -e train --env-manager local --experiment-name atari-vae \
-  -P env_name=Breakout -P num_episodes=5 -P epochs=10 -P batch_size=32 \
+  -P env_name=Breakout -P num_episodes=5 -P epochs=20 -P batch_size=32 \
   -P output_dir="$out"
 exp_id=$(python -c 'import mlflow; mlflow.set_tracking_uri("sqlite:///mlflow.db"); print(mlflow.get_experiment_by_name("atari-vae").experiment_id)')
 cat <<EOF
