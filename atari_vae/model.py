@@ -188,6 +188,15 @@ def decoder_of(state_dict: dict[str, torch.Tensor]) -> str:
     return "broadcast" if any(k.startswith("broadcast.") for k in state_dict) else "deconv"
 
 
+def random_init_like(model: VAE, seed: int) -> VAE:
+    """A VAE of ``model``'s architecture with fresh, seeded initial weights, on its device: the
+    random-init control of the state probe and of the planner."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = VAE(**model.architecture())
+    return fresh.to(next(model.parameters()).device)
+
+
 def vae_from_architecture(config: dict) -> VAE:
     """A fresh VAE from a saved ``architecture()`` dict; other keys are ignored, and keys a
     model saved before they existed take their LEGACY_ARCHITECTURE value."""

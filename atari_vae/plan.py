@@ -139,15 +139,6 @@ def score_random_policy(pool: EnvPool, cfg: PlanConfig) -> Episodes:
                 cfg.max_steps)
 
 
-def random_encoder_like(vae: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """The control's encoder: the same architecture, freshly initialised from ``seed``."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        control = type(vae)(**vae.architecture())
-    device = next(vae.parameters()).device
-    return control.to(device).eval()
-
-
 def summary_table(rows: dict[str, np.ndarray], game: str, max_steps: int) -> str:
     """A small text table: policy, mean +- std, min, max of the test scores."""
     n = len(next(iter(rows.values())))

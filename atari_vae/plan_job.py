@@ -19,9 +19,9 @@ from atari_vae.config import PlanConfig
 from atari_vae.controller import encode_frames, save_controller_dir
 from atari_vae.envs import FRAMESKIP, STICKY_ACTION_PROB, Game, make_env, resolve_game
 from atari_vae.files import atomic_write_text
+from atari_vae.model import random_init_like
 from atari_vae.plan import (
     held_out_seeds,
-    random_encoder_like,
     score_controller,
     score_random_policy,
     summary_table,
@@ -87,7 +87,7 @@ def _plan(cfg: PlanConfig, game: Game, vae: torch.nn.Module, vae_name: str, vae_
     result = PlanResult({OURS: test.scores, RANDOM: score_random_policy(pool, cfg).scores})
     metrics = {"plan/train_seconds": ours.seconds, "plan/generations": len(ours.history)}
     if cfg.control == "random_encoder":
-        control_vae = random_encoder_like(vae, cfg.seed)
+        control_vae = random_init_like(vae, cfg.seed).eval()
         control = train_controller(control_vae, pool, cfg, {**metadata, "encoder": "random"},
                                    tracking.MlflowPlanHooks("plan/control_"), "control")
         result.scores[CONTROL] = score_controller(control_vae, control.controller, pool,

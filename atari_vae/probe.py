@@ -19,7 +19,7 @@ import torch
 
 from atari_vae.envs import Game, to_float
 from atari_vae.metrics import reference_frames, small_object_labels
-from atari_vae.model import VAE
+from atari_vae.model import VAE, random_init_like
 from atari_vae.state_labels import (
     CATEGORIES,
     categories_of,
@@ -282,14 +282,6 @@ def encoder_means(model: VAE, frames_uint8: torch.Tensor, batch: int = 256) -> t
     model.eval()
     return torch.cat([model.encode(to_float(frames_uint8[i:i + batch].to(device)))[0].float().cpu()
                       for i in range(0, len(frames_uint8), batch)])
-
-
-def random_init_like(model: VAE, seed: int) -> VAE:
-    """A VAE of ``model``'s architecture with fresh, seeded initial weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        fresh = VAE(**model.architecture())
-    return fresh.to(next(model.parameters()).device)
 
 
 def probe_model(model: VAE, game: Game, n_frames: int, max_steps: int, seed: int,

@@ -29,7 +29,7 @@ from atari_vae.config import TrainConfig
 from atari_vae.envs import resolve_game, to_float
 from atari_vae.evaluate import PROBE_SEED_OFFSET
 from atari_vae.metrics import SMALL_OBJECT_MAX_PIXELS, reference_frames, small_object_labels
-from atari_vae.model import VAE
+from atari_vae.model import VAE, random_init_like
 from atari_vae.probe import (
     ProbeSettings,
     drop_seen,
@@ -37,7 +37,6 @@ from atari_vae.probe import (
     format_probe_table,
     linear_r2,
     probe_sources,
-    random_init_like,
     split_episodes,
 )
 from atari_vae.state_labels import load_or_collect_labelled, variables

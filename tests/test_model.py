@@ -13,7 +13,13 @@ from atari_vae.config import TrainConfig
 from atari_vae.data import load_or_collect, split_by_episode
 from atari_vae.envs import resolve_game
 from atari_vae.errors import AtariVaeError
-from atari_vae.model import decoder_of, latent_dim_of, vae_for, vae_from_architecture
+from atari_vae.model import (
+    decoder_of,
+    latent_dim_of,
+    random_init_like,
+    vae_for,
+    vae_from_architecture,
+)
 from atari_vae.train import fit
 from tests.conftest import REPO, tiny_train_flags
 
@@ -141,6 +147,15 @@ def test_the_model_s_defaults_are_the_training_defaults():
     built, defaults = VAE().architecture(), TrainConfig()
     assert (built["latent_dim"], built["decoder"], built["base_channels"]) == (
         defaults.latent_dim, defaults.decoder, defaults.base_channels)
+
+
+def test_random_init_like_has_the_model_s_architecture_and_seeded_fresh_weights():
+    model = VAE(latent_dim=6, base_channels=8, mask=True)  # a 32-wide one gets a 32-wide twin
+    a, b = random_init_like(model, seed=5), random_init_like(model, seed=5)
+    assert a.architecture() == model.architecture()
+    assert torch.equal(a.to_mu.weight, b.to_mu.weight)
+    assert not torch.equal(a.encoder[0].weight, model.encoder[0].weight)
+    assert not torch.equal(a.to_mu.weight, random_init_like(model, seed=6).to_mu.weight)
 
 
 def test_an_unknown_decoder_is_refused_naming_the_choices():

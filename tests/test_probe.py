@@ -18,7 +18,6 @@ from atari_vae.probe import (
     one_small_object,
     probe_model,
     probe_sources,
-    random_init_like,
     split_episodes,
     weighted_f1,
 )
@@ -142,14 +141,6 @@ def test_a_probe_keeps_its_best_validation_weights():
     probes = fit_linear_probes(x[:400], y[:400], x[400:500], y[400:500], FAST)
     assert (probes.predict(x[500:]) == y[500:]).float().mean() > 0.95
     assert set(probes.predict(x).unique().tolist()) <= set(y[:400].unique().tolist())
-
-
-def test_random_init_encoder_has_the_model_s_shape_and_seeded_weights():
-    model = VAE(latent_dim=6)
-    a, b = random_init_like(model, seed=5), random_init_like(model, seed=5)
-    assert a.latent_dim == 6 and a.input_shape == model.input_shape
-    assert torch.equal(a.to_mu.weight, b.to_mu.weight)
-    assert not torch.equal(a.to_mu.weight, random_init_like(model, seed=6).to_mu.weight)
 
 
 def test_probe_model_on_real_breakout_frames_scores_every_source():
