@@ -16,6 +16,7 @@ from atari_vae.config import TrainConfig
 from atari_vae.envs import parse_games
 from atari_vae.errors import AtariVaeError
 from atari_vae.files import atomic_path, load_error_reason
+from atari_vae.model import LEGACY_ARCHITECTURE
 from atari_vae.runtime import resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 # A checkpoint that predates a flag trained as these say: loss terms off, the 32-256 wide net.
 BEFORE_THEY_EXISTED = {"obj_weight": 0.0, "loc_weight": 0.0, "coord_weight": 0.0,
-                       "mask_weight": 0.0, "base_channels": 32}
+                       "mask_weight": 0.0, "base_channels": LEGACY_ARCHITECTURE["base_channels"]}
 
 
 def _same_flag(name: str, saved: Any, given: Any) -> bool:
@@ -69,8 +70,8 @@ def resume_mismatch(ckpt: dict[str, Any], cfg: TrainConfig, run_token: str) -> s
     saved = ckpt["config"]
     for name in RESUME_MUST_MATCH:  # load_state_dict's own message is many lines long
         # A flag newer than the checkpoint had its BEFORE_THEY_EXISTED value, else its default.
-        saved_value = saved.get(name, BEFORE_THEY_EXISTED.get(name, getattr(TrainConfig,
-                                                                                 name)))
+        before = BEFORE_THEY_EXISTED.get(name, getattr(TrainConfig, name))
+        saved_value = saved.get(name, before)
         if not _same_flag(name, saved_value, getattr(cfg, name)):
             return (f"it was trained with --{name} {saved_value}, not {getattr(cfg, name)}; "
                     f"resume with the run's original flags")

@@ -138,9 +138,11 @@ def bench_train(ctx: dict) -> None:
     """images/s of the real training step (train._train_epoch) per width, threads, precision
     and layout, at batch 128."""
     from atari_vae.config import TrainConfig
+    from atari_vae.model import LEGACY_ARCHITECTURE
 
     train_set, _ = bench_frames(ctx)
-    for width in dict.fromkeys((TrainConfig().base_channels, 32)):  # the default, the classic
+    classic = LEGACY_ARCHITECTURE["base_channels"]
+    for width in dict.fromkeys((TrainConfig().base_channels, classic)):
         _bench_train_width(ctx, train_set, TrainConfig(batch_size=128, base_channels=width))
     torch.set_num_threads(ctx["threads"])
 

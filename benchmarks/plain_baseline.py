@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from atari_vae.config import TrainConfig
 from atari_vae.losses import pixel_weights, vae_loss
-from atari_vae.model import VAE
+from atari_vae.model import LEGACY_ARCHITECTURE, VAE
 from atari_vae.schedule import lr_factor
 from atari_vae.train import GRAD_CLIP_NORM
 
@@ -108,7 +108,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--base_channels", type=int, default=32)
+    parser.add_argument("--base_channels", type=int,
+                        default=LEGACY_ARCHITECTURE["base_channels"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     cfg = TrainConfig(num_episodes=args.num_episodes, epochs=args.epochs,
