@@ -5,7 +5,9 @@
 Runs the real step (``train._loss_terms``, backward, gradient clipping, fused Adam) on 128
 cached Breakout frames under ``torch.profiler`` and prints the operators by self CPU time,
 then the share of convolutions (forward and backward) against everything else: the part that
-fusing the elementwise loss and optimizer work could win at most.
+fusing the elementwise loss and optimizer work could win at most. Last, the convolutions' own
+rate (their FLOPs over their self CPU time) against the matmul peak of the precision: the
+share of the peak a step would reach if everything else were free.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 
 import torch
 from torch.profiler import profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from atari_vae import train
 from atari_vae.config import TrainConfig
@@ -30,11 +33,12 @@ def main() -> None:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up)")
+    parser.add_argument("--base_channels", type=int, default=TrainConfig().base_channels)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    cfg = TrainConfig()
+    cfg = TrainConfig(base_channels=args.base_channels)
     frames = load_or_collect(resolve_game("Breakout"), 20, 1000, 42, progress=False)
     x = to_float(frames.frames_uint8[:cfg.batch_size])
     refs = game_references(frames.frames_uint8, frames.game_ids, 1)
@@ -53,6 +57,10 @@ def main() -> None:
 
     for _ in range(3):
         step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    conv_flops = sum(n for op, n in counter.get_flop_counts()["Global"].items()
+                     if "convolution" in str(op))
     started = time.perf_counter()
     with profile() as prof:
         for _ in range(args.steps):
@@ -66,6 +74,23 @@ def main() -> None:
           f"{seconds * 1000:.0f} ms a step under the profiler ({cfg.batch_size / seconds:.0f} "
           f"images/s); convolutions {conv / total:.0%} of self CPU time, the rest "
           f"{1 - conv / total:.0%}")
+    conv_rate = conv_flops / (conv / 1e6 / args.steps) / 1e9
+    peak = matmul_peak(dtype)
+    print(f"convolutions: {conv_flops / 1e9:.2f} GFLOP a step in {conv / 1e3 / args.steps:.0f} ms "
+          f"of their own: {conv_rate:.0f} GFLOP/s, {conv_rate / peak:.0%} of the "
+          f"{args.precision} matmul peak ({peak:.0f} GFLOP/s, 2048x2048)")
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    """GFLOP/s of the best of five big square matmuls in ``dtype`` (bench.py's peak)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
 
 
 if __name__ == "__main__":

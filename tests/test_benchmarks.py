@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 STORE_BENCH = REPO / "benchmarks" / "store_bench.py"
@@ -74,6 +76,13 @@ def test_profile_step_splits_a_real_training_step_into_convolutions_and_the_rest
     conv, rest = (int(v) for v in re.findall(r"(\d+)% of self CPU time, the rest (\d+)%",
                                              done.stdout)[0])
     assert conv + rest in (99, 100, 101) and conv > 30  # convolutions dominate the step
+    gflop, ms, rate, share = re.findall(
+        r"convolutions: ([\d.]+) GFLOP a step in (\d+) ms of their own: (\d+) GFLOP/s, "
+        r"(\d+)% of the fp32 matmul peak", done.stdout)[0]
+    # the default net's convolutions, forward and backward, over a batch of 128: ~11 GFLOP
+    assert 5 < float(gflop) < 20
+    assert int(rate) == pytest.approx(float(gflop) / (int(ms) / 1e3), rel=0.1, abs=2)
+    assert 0 < int(share) <= 150  # their own rate, measured against a separately timed peak
 
 
 def test_probe_baselines_with_pixels_scores_the_raw_frames_beside_the_random_encoder(tmp_path):
