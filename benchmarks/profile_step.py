@@ -82,7 +82,8 @@ def main() -> None:
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
-    """GFLOP/s of the best of five big square matmuls in ``dtype`` (bench.py's peak)."""
+    """GFLOP/s of the fastest of five n x n matmuls in ``dtype``: the roofline of bench.py's
+    peak section (which takes the best of three medians of three)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
