@@ -1,4 +1,4 @@
-"""Where one training step of the default model spends its time, by operator.
+"""Where one training step of the default model (or --base_channels N) spends its time.
 
     .venv/bin/python benchmarks/profile_step.py --precision bf16 --threads 2
 
@@ -60,7 +60,7 @@ def main() -> None:
     with FlopCounterMode(display=False) as counter:
         step()
     conv_flops = sum(n for op, n in counter.get_flop_counts()["Global"].items()
-                     if "convolution" in str(op))
+                     if any(c in str(op) for c in CONV_OPS))
     started = time.perf_counter()
     with profile() as prof:
         for _ in range(args.steps):
@@ -75,10 +75,11 @@ def main() -> None:
           f"images/s); convolutions {conv / total:.0%} of self CPU time, the rest "
           f"{1 - conv / total:.0%}")
     conv_rate = conv_flops / (conv / 1e6 / args.steps) / 1e9
-    peak = matmul_peak(dtype)
+    size = 2048
+    peak = matmul_peak(dtype, size)
     print(f"convolutions: {conv_flops / 1e9:.2f} GFLOP a step in {conv / 1e3 / args.steps:.0f} ms "
           f"of their own: {conv_rate:.0f} GFLOP/s, {conv_rate / peak:.0%} of the "
-          f"{args.precision} matmul peak ({peak:.0f} GFLOP/s, 2048x2048)")
+          f"{args.precision} matmul peak ({peak:.0f} GFLOP/s, {size}x{size})")
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:

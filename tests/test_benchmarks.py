@@ -70,15 +70,17 @@ def test_probe_survival_bounds_the_ball_r2_on_all_frames_by_what_the_pixels_show
 def test_profile_step_splits_a_real_training_step_into_convolutions_and_the_rest(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--precision", "fp32",
-         "--threads", "1", "--steps", "1"], capture_output=True, text=True, timeout=600,
+         "--threads", "1", "--steps", "2"], capture_output=True, text=True, timeout=600,
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
     conv, rest = (int(v) for v in re.findall(r"(\d+)% of self CPU time, the rest (\d+)%",
                                              done.stdout)[0])
     assert conv + rest in (99, 100, 101) and conv > 30  # convolutions dominate the step
-    gflop, ms, rate, share = re.findall(
+    found = re.findall(
         r"convolutions: ([\d.]+) GFLOP a step in (\d+) ms of their own: (\d+) GFLOP/s, "
-        r"(\d+)% of the fp32 matmul peak", done.stdout)[0]
+        r"(\d+)% of the fp32 matmul peak", done.stdout)
+    assert found, done.stdout[-2000:]
+    gflop, ms, rate, share = found[0]
     # the default net's convolutions, forward and backward, over a batch of 128: ~11 GFLOP
     assert 5 < float(gflop) < 20
     assert int(rate) == pytest.approx(float(gflop) / (int(ms) / 1e3), rel=0.1, abs=2)
