@@ -92,15 +92,19 @@ def bench_machine(ctx: dict) -> None:
         row("machine", "cgroup cpu.max", cpu_max.read_text().strip())
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
+    """GFLOP/s of n x n matmuls in ``dtype`` (best of three medians of three): the roofline."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    seconds = min(median_time(lambda: torch.mm(a, b), 3, 1) for _ in range(3))
+    return 2 * n**3 / seconds / 1e9
+
+
 def bench_peak(ctx: dict) -> None:
     """Big square matmuls: the roofline the training figures are measured against."""
-    n = 2048
     for threads in thread_counts():
         torch.set_num_threads(threads)
         for name, dtype in precisions().items():
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            seconds = min(median_time(lambda a=a, b=b: torch.mm(a, b), 3, 1) for _ in range(3))
-            gflops = 2 * n**3 / seconds / 1e9
+            gflops = matmul_gflops(dtype)
             ctx["peak", name, threads] = gflops
             row("peak", f"matmul {name}, {threads} thread(s)", gflops, "GFLOP/s")
     torch.set_num_threads(ctx["threads"])

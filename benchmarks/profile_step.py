@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+from bench import matmul_gflops  # benchmarks/ is on sys.path when this runs as a script
 from torch.profiler import profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -76,23 +77,10 @@ def main() -> None:
           f"{1 - conv / total:.0%}")
     conv_rate = conv_flops / (conv / 1e6 / args.steps) / 1e9
     size = 2048
-    peak = matmul_peak(dtype, size)
+    peak = matmul_gflops(dtype, size)
     print(f"convolutions: {conv_flops / 1e9:.2f} GFLOP a step in {conv / 1e3 / args.steps:.0f} ms "
           f"of their own: {conv_rate:.0f} GFLOP/s, {conv_rate / peak:.0%} of the "
           f"{args.precision} matmul peak ({peak:.0f} GFLOP/s, {size}x{size})")
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
-    """GFLOP/s of the fastest of five n x n matmuls in ``dtype``: the roofline of bench.py's
-    peak section (which takes the best of three medians of three)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * n**3 / best / 1e9
 
 
 if __name__ == "__main__":

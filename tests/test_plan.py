@@ -160,4 +160,3 @@ def test_seeded_episodes_replay_exactly():
     np.testing.assert_array_equal(runs[0].scores, runs[1].scores)
     np.testing.assert_array_equal(runs[0].frames, runs[1].frames)
     assert runs[0].frames.shape[1:] == (3, 64, 64) and runs[0].lengths.max() <= 40
-
