@@ -76,7 +76,7 @@ class TrainConfig(DataConfig):
         4000, "With --epochs 0: optimizer steps the run is sized for, rounded up to whole "
         "passes over the training frames.")
     lr: float = flag(
-        2e-3, "Adam learning rate: linear warm-up over the first epoch, then cosine decay to 5%.")
+        4e-3, "Adam learning rate: linear warm-up over the first epoch, then cosine decay to 5%.")
     val_split: float = flag(0.1, "Share of episodes held out for validation, in (0, 1).")
     kl_weight: float = flag(
         0.1,

@@ -286,7 +286,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, frame_cache: Path) -> dic
 
 @pytest.mark.parametrize("flag, value, saved", [
     ("kl_weight", 0.5, 0.1), ("fg_weight", 1.0, 30.0), ("free_bits", 0.5, 0.0),
-    ("lr", 0.001, 0.002), ("precision", "bf16", "fp32"), ("epochs", 1, 2)])
+    ("lr", 0.001, 0.004), ("precision", "bf16", "fp32"), ("epochs", 1, 2)])
 def test_resume_refuses_each_flag_that_changes_the_result_naming_it(finished, flag, value,
                                                                     saved):
     out = Path(str(finished["output_dir"]))
