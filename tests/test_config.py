@@ -10,7 +10,7 @@ from atari_vae.config import EvaluateConfig, PlanConfig, TrainConfig, TuneConfig
 from atari_vae.errors import AtariVaeError, ConfigError
 
 # The training issue's defaults. kl_weight (1.0 there) and lr (1e-3 there) are not pinned: the
-# quality issue asks for the best values found, and the README's quality section says why.
+# quality issue asks for the best values found, and the README says why ("The learning rate").
 # num_episodes (100 there) and epochs (100) became 300 episodes and a 2000-step budget when
 # the time-to-quality issue measured both better and 4x faster (README, "Default settings").
 ISSUE_TRAIN_DEFAULTS = dict(
