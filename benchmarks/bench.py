@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 SECTIONS = ("machine", "peak", "train", "collect", "planner", "quick", "samejob", "tune")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEAK_MATMUL_N = 2048  # side of the roofline matmul (profile_step.py prints it too)
 
 
 # what benchmarks/as_avx2.sh sets: oneDNN (convolutions, bf16), MKL (fp32 matmuls), ATen kernels
@@ -92,7 +93,7 @@ def bench_machine(ctx: dict) -> None:
         row("machine", "cgroup cpu.max", cpu_max.read_text().strip())
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
+def matmul_gflops(dtype: torch.dtype, n: int = PEAK_MATMUL_N) -> float:
     """GFLOP/s of n x n matmuls in ``dtype`` (best of three medians of three): the roofline."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     seconds = min(median_time(lambda: torch.mm(a, b), 3, 1) for _ in range(3))

@@ -16,7 +16,9 @@ import argparse
 import time
 
 import torch
-from bench import matmul_gflops  # benchmarks/ is on sys.path when this runs as a script
+
+# benchmarks/ is on sys.path when this runs as a script
+from bench import PEAK_MATMUL_N, matmul_gflops
 from torch.profiler import profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -76,11 +78,10 @@ def main() -> None:
           f"images/s); convolutions {conv / total:.0%} of self CPU time, the rest "
           f"{1 - conv / total:.0%}")
     conv_rate = conv_flops / (conv / 1e6 / args.steps) / 1e9
-    size = 2048
-    peak = matmul_gflops(dtype, size)
+    peak = matmul_gflops(dtype)
     print(f"convolutions: {conv_flops / 1e9:.2f} GFLOP a step in {conv / 1e3 / args.steps:.0f} ms "
           f"of their own: {conv_rate:.0f} GFLOP/s, {conv_rate / peak:.0%} of the "
-          f"{args.precision} matmul peak ({peak:.0f} GFLOP/s, {size}x{size})")
+          f"{args.precision} matmul peak ({peak:.0f} GFLOP/s, {PEAK_MATMUL_N}x{PEAK_MATMUL_N})")
 
 
 if __name__ == "__main__":
