@@ -7,12 +7,15 @@ cached Breakout frames under ``torch.profiler`` and prints the operators by self
 then the share of convolutions (forward and backward) against everything else: the part that
 fusing the elementwise loss and optimizer work could win at most. Last, the convolutions' own
 rate (their FLOPs over their self CPU time) against the matmul peak of the precision: the
-share of the peak a step would reach if everything else were free.
+share of the peak a step would reach if everything else were free. ``--by_shape`` splits the
+table by input shape (layer by layer); ``--compile`` also times the step, unprofiled, eager
+against the loss under ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -37,6 +40,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up)")
     parser.add_argument("--base_channels", type=int, default=TrainConfig().base_channels)
+    parser.add_argument("--by_shape", action="store_true",
+                        help="one table row per operator and input shape: layer by layer")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the step with the loss under torch.compile, unprofiled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -51,10 +58,13 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last)  # as fit does
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
 
-    def step() -> None:
-        terms, _ = train._loss_terms(model, x, refs.means, refs.backgrounds, cfg, dtype)
+    def loss() -> torch.Tensor:
+        return train._loss_terms(model, x, refs.means, refs.backgrounds, cfg, dtype)[0].total
+
+    def step(loss=loss) -> None:
+        total = loss()
         optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.GRAD_CLIP_NORM)
         optimizer.step()
 
@@ -65,12 +75,14 @@ def main() -> None:
     conv_flops = sum(n for op, n in counter.get_flop_counts()["Global"].items()
                      if any(c in str(op) for c in CONV_OPS))
     started = time.perf_counter()
-    with profile() as prof:
+    with profile(record_shapes=args.by_shape) as prof:
         for _ in range(args.steps):
             step()
     seconds = (time.perf_counter() - started) / args.steps
     events = prof.key_averages()
-    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    shaped = prof.key_averages(group_by_input_shape=True) if args.by_shape else events
+    print(shaped.table(sort_by="self_cpu_time_total", row_limit=25 if args.by_shape else 15,
+                       max_name_column_width=40, max_shapes_column_width=60))
     total = sum(e.self_cpu_time_total for e in events)
     conv = sum(e.self_cpu_time_total for e in events if any(c in e.key for c in CONV_OPS))
     print(f"{args.precision}, {args.threads} thread(s), batch {cfg.batch_size}: "
@@ -82,6 +94,28 @@ def main() -> None:
     print(f"convolutions: {conv_flops / 1e9:.2f} GFLOP a step in {conv / 1e3 / args.steps:.0f} ms "
           f"of their own: {conv_rate:.0f} GFLOP/s, {conv_rate / peak:.0%} of the "
           f"{args.precision} matmul peak ({peak:.0f} GFLOP/s, {PEAK_MATMUL_N}x{PEAK_MATMUL_N})")
+    if args.compile:
+        compare_compiled(step, loss, args.steps, cfg.batch_size)
+
+
+def compare_compiled(step, loss, steps: int, batch_size: int) -> None:
+    """images/s of ``steps`` eager steps against the same with ``loss`` under torch.compile
+    (inductor), both unprofiled; the compile's own seconds printed apart."""
+    def rate(run) -> float:
+        started = time.perf_counter()
+        for _ in range(steps):
+            run()
+        return steps * batch_size / (time.perf_counter() - started)
+
+    eager = rate(step)
+    compiled = functools.partial(step, loss=torch.compile(loss))
+    started = time.perf_counter()
+    compiled()  # the compile
+    compile_seconds = time.perf_counter() - started
+    compiled()
+    print(f"unprofiled: eager {eager:.0f} images/s, loss under torch.compile "
+          f"{rate(compiled):.0f} images/s (compiled in {compile_seconds:.0f} s), eager again "
+          f"{rate(step):.0f} images/s")
 
 
 if __name__ == "__main__":
