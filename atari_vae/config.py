@@ -111,6 +111,10 @@ class TrainConfig(DataConfig):
         "differs from the background there (its foreground mask: paddle, ball, removed "
         "bricks), as Bernoulli logits; binary cross-entropy in nats summed over pixels; "
         "0 = off (and no mask head in the model).")
+    object_oversample: float = flag(
+        1.0, "How many times as often a training frame that shows a small moving object (the "
+        "ball, shots) is drawn into an epoch as one that shows none; the pixels decide, never "
+        "the RAM; 1 = every frame once a pass.")
     free_bits: float = flag(
         0.0, "KL free bits: nats per latent dim below which KL is not penalised (0 = off).")
     device: str = flag("auto", "Compute device; auto picks cuda, then mps, then cpu.",
@@ -138,7 +142,7 @@ class TrainConfig(DataConfig):
         _positive(self, "latent_dim", "base_channels", "batch_size", "train_steps",
                   "checkpoint_freq")
         _non_negative(self, "epochs")
-        _positive(self, "lr", "fg_weight")
+        _positive(self, "lr", "fg_weight", "object_oversample")
         _non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",
                       "coord_weight", "mask_weight")
         if not 0.0 < self.val_split < 1.0:

@@ -235,25 +235,41 @@ def split_by_episode(frames: FrameSet, val_split: float, seed: int) -> tuple[Fra
     return frames.view(~is_val), frames.view(is_val)
 
 
-def balanced_order(game_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def balanced_order(game_ids: torch.Tensor, generator: torch.Generator,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """One epoch's frame order: as many frames as ``game_ids`` holds, an equal share per game.
 
     With one game this is a plain permutation. With several, each game gives N // n_games
     frames: a larger game a fresh random subset each epoch, a smaller one repeated
     permutations. So an epoch costs the same whatever the mix (not n_games x the largest).
+    With ``weights`` (N,) each frame comes up in proportion to its weight (``_systematic``).
     """
     counts = torch.bincount(game_ids)
-    if len(counts) == 1:
+    if len(counts) == 1 and weights is None:
         return torch.randperm(len(game_ids), generator=generator)
     share = epoch_length(game_ids) // len(counts)
     per_game = []
     for game_index, count in enumerate(counts.tolist()):
         members = (game_ids == game_index).nonzero().squeeze(1)
-        repeats = -(-share // count)
-        picks = torch.cat([torch.randperm(count, generator=generator) for _ in range(repeats)])
+        if weights is not None:
+            picks = _systematic(weights[members], share, generator)
+        else:
+            repeats = -(-share // count)
+            picks = torch.cat([torch.randperm(count, generator=generator)
+                               for _ in range(repeats)])
         per_game.append(members[picks[:share]])
     order = torch.cat(per_game)
     return order[torch.randperm(len(order), generator=generator)]
+
+
+def _systematic(weights: torch.Tensor, draws: int, generator: torch.Generator) -> torch.Tensor:
+    """``draws`` indices into ``weights``, each index floor or ceil of its expected count
+    (systematic resampling): unlike draws with replacement, equal weights give each frame once."""
+    shuffled = torch.randperm(len(weights), generator=generator)
+    cumulative = torch.cumsum(weights[shuffled].double(), 0)
+    points = (torch.rand(1, generator=generator, dtype=torch.float64)
+              + torch.arange(draws, dtype=torch.float64)) / draws * cumulative[-1]
+    return shuffled[torch.searchsorted(cumulative, points, right=True).clamp(max=len(weights) - 1)]
 
 
 def epoch_length(game_ids: torch.Tensor) -> int:

@@ -128,6 +128,9 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
                                      total_steps=state.schedule_epochs * per_epoch,
                                      warmup_steps=per_epoch))
     order_rng = torch.Generator().manual_seed(cfg.seed)
+    frame_weights = (_object_weights(frames, train_set.game_ids.to(device), refs,
+                                     cfg.object_oversample)
+                     if cfg.object_oversample != 1 else None)
     if ckpt:
         restore_checkpoint(path, ckpt, model, optimizer, scheduler, order_rng)
         state.history, state.epoch = list(ckpt["history"]), ckpt["epoch"]
@@ -138,7 +141,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
     for epoch in bar:
         started = time.perf_counter()
         train_stats = _train_epoch(model, optimizer, scheduler, frames, train_set.game_ids,
-                                   refs, cfg, order_rng, dtype)
+                                   refs, cfg, order_rng, dtype, frame_weights)
         val_stats = _validate(model, val, refs, cfg, dtype)
         stats = {"epoch": epoch, **train_stats, **val_stats,
                  "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started}
@@ -229,10 +232,28 @@ def _loss_terms(model, x, mean_frame, background, cfg,
     return vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits, extra), x_hat
 
 
+@torch.no_grad()
+def _object_weights(frames: torch.Tensor, game_ids: torch.Tensor, refs: GameReferences,
+                    oversample: float) -> torch.Tensor:
+    """(N,) cpu sampling weight of each frame: ``oversample`` where its pixels show a small
+    moving object (``losses.small_objects``), else 1."""
+    shows = []
+    for start in range(0, len(frames), EVAL_BATCH):
+        rows = slice(start, start + EVAL_BATCH)
+        mean_frame, background = refs.of(game_ids[rows])
+        small, _ = small_objects(to_float(frames[rows]), background,
+                                 usually_empty(mean_frame, background))
+        shows.append(small.flatten(1).amax(1).cpu() > 0)
+    shows = torch.cat(shows)
+    log.info("%.1f%% of the training frames show a small moving object; drawn %gx as often",
+             100 * shows.float().mean().item(), oversample)
+    return 1 + (oversample - 1) * shows.double()
+
+
 def _train_epoch(model, optimizer, scheduler, frames, game_ids, refs, cfg, order_rng,
-                 dtype) -> dict[str, float]:
+                 dtype, frame_weights=None) -> dict[str, float]:
     model.train()
-    order = balanced_order(game_ids, order_rng).to(frames.device)
+    order = balanced_order(game_ids, order_rng, frame_weights).to(frames.device)
     game_ids = game_ids.to(frames.device)
     sums = torch.zeros(3, device=frames.device)  # accumulated on device: no per-step host sync
     for start in range(0, len(order), cfg.batch_size):

@@ -282,3 +282,22 @@ def test_balanced_order_draws_a_fresh_subset_of_a_large_game_each_epoch():
 def test_balanced_order_of_one_game_is_a_permutation():
     order = balanced_order(torch.zeros(7, dtype=torch.long), torch.Generator().manual_seed(0))
     assert sorted(order.tolist()) == list(range(7))
+
+
+def test_balanced_order_with_equal_weights_gives_every_frame_once():
+    order = balanced_order(torch.zeros(9, dtype=torch.long), torch.Generator().manual_seed(0),
+                           torch.full((9,), 3.0))
+    assert sorted(order.tolist()) == list(range(9))
+
+
+def test_balanced_order_draws_each_frame_in_proportion_to_its_weight_within_its_game():
+    game_ids = torch.tensor([0] * 10 + [1] * 10)
+    weights = torch.ones(20)
+    weights[[0, 1, 10]] = 4.0
+    order = balanced_order(game_ids, torch.Generator().manual_seed(0), weights)
+    counts = torch.bincount(order, minlength=20)
+    assert len(order) == 20 and torch.bincount(game_ids[order]).tolist() == [10, 10]
+    # game 0: 10 draws over weight 16, so frames 0 and 1 come 2.5 times (2 or 3), the rest 0-1
+    assert all(c in (2, 3) for c in counts[[0, 1]].tolist())
+    assert counts[2:10].max() <= 1 and counts[11:].max() <= 1
+    assert counts[10] in (3, 4)  # 10 draws over weight 13

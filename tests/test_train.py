@@ -23,7 +23,7 @@ from atari_vae.config import TrainConfig
 from atari_vae.data import load_games, split_by_episode
 from atari_vae.envs import parse_games, to_float
 from atari_vae.jobs import RUN_ID_FILE
-from atari_vae.losses import foreground_mask
+from atari_vae.losses import foreground_mask, small_objects, usually_empty
 from atari_vae.metrics import game_references, psnr_from_mse, reference_frames
 from atari_vae.model import VAE, vae_for
 from atari_vae.objective import foreground_fraction
@@ -257,6 +257,23 @@ def test_the_ball_terms_train_a_broadcast_model_with_its_heads_that_loads_back(t
     plain = TrainConfig(**{**asdict(cfg), "loc_weight": 0.0, "obj_weight": 0.0,
                            "coord_weight": 0.0, "mask_weight": 0.0})
     assert _val_recon(model, frames, cfg) > _val_recon(model, frames, plain) > 0
+
+
+def test_object_oversample_weighs_the_frames_that_show_the_ball(tmp_path):
+    from atari_vae.train import _object_weights
+
+    cfg = TrainConfig(**tiny_train_flags(tmp_path / "out", object_oversample=3.0))
+    frames = load_games(parse_games(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed)
+    refs = game_references(frames.frames_uint8, frames.game_ids, 1)
+    weights = _object_weights(frames.frames_uint8, frames.game_ids, refs, 3.0)
+    assert set(weights.unique().tolist()) == {1.0, 3.0}  # random play: the ball in some frames
+    # a frame weighed 3 shows a small object the loss's own mask finds; one weighed 1 none
+    mean_frame, background = refs
+    x = to_float(frames.frames_uint8[:])
+    small, _ = small_objects(x, background, usually_empty(mean_frame, background))
+    assert torch.equal(weights == 3.0, small.flatten(1).amax(1) > 0)
+    result = fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
+    assert all(math.isfinite(epoch["train_loss"]) for epoch in result.history)
 
 
 def _val_recon(model: VAE, frames, cfg: TrainConfig) -> float:
