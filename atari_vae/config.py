@@ -7,6 +7,7 @@ options and ``mlproject.py`` turns them into MLproject parameters, so the three 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -143,6 +144,8 @@ class TrainConfig(DataConfig):
                   "checkpoint_freq")
         _non_negative(self, "epochs")
         _positive(self, "lr", "fg_weight", "object_oversample")
+        if not math.isfinite(self.object_oversample):
+            raise ConfigError(f"--object_oversample must be finite, got {self.object_oversample}")
         _non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",
                       "coord_weight", "mask_weight")
         if not 0.0 < self.val_split < 1.0:

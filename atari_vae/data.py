@@ -239,10 +239,9 @@ def balanced_order(game_ids: torch.Tensor, generator: torch.Generator,
                    weights: torch.Tensor | None = None) -> torch.Tensor:
     """One epoch's frame order: as many frames as ``game_ids`` holds, an equal share per game.
 
-    With one game this is a plain permutation. With several, each game gives N // n_games
-    frames: a larger game a fresh random subset each epoch, a smaller one repeated
-    permutations. So an epoch costs the same whatever the mix (not n_games x the largest).
-    With ``weights`` (N,) each frame comes up in proportion to its weight (``_systematic``).
+    Each game gives N // n_games frames (one game: a plain permutation; a larger game a fresh
+    random subset each epoch, a smaller one repeated permutations), so an epoch costs the same
+    whatever the mix; with ``weights`` (N,) each frame comes up in proportion to its weight.
     """
     counts = torch.bincount(game_ids)
     if len(counts) == 1 and weights is None:
@@ -263,12 +262,14 @@ def balanced_order(game_ids: torch.Tensor, generator: torch.Generator,
 
 
 def _systematic(weights: torch.Tensor, draws: int, generator: torch.Generator) -> torch.Tensor:
-    """``draws`` indices into ``weights``, each index floor or ceil of its expected count
-    (systematic resampling): unlike draws with replacement, equal weights give each frame once."""
+    """``draws`` indices into ``weights``, each drawn the floor or ceiling of its expected number
+    of times (systematic resampling): unlike draws with replacement, equal weights give each
+    frame once."""
     shuffled = torch.randperm(len(weights), generator=generator)
     cumulative = torch.cumsum(weights[shuffled].double(), 0)
     points = (torch.rand(1, generator=generator, dtype=torch.float64)
               + torch.arange(draws, dtype=torch.float64)) / draws * cumulative[-1]
+    # rounding can put the last point at the total itself, one past the last frame
     return shuffled[torch.searchsorted(cumulative, points, right=True).clamp(max=len(weights) - 1)]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -61,7 +62,7 @@ def main() -> None:
     def loss() -> torch.Tensor:
         return train._loss_terms(model, x, refs.means, refs.backgrounds, cfg, dtype)[0].total
 
-    def step(loss=loss) -> None:
+    def step(loss: Callable[[], torch.Tensor] = loss) -> None:
         total = loss()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -98,10 +99,11 @@ def main() -> None:
         compare_compiled(step, loss, args.steps, cfg.batch_size)
 
 
-def compare_compiled(step, loss, steps: int, batch_size: int) -> None:
+def compare_compiled(step: Callable[..., None], loss: Callable[[], torch.Tensor], steps: int,
+                     batch_size: int) -> None:
     """images/s of ``steps`` eager steps against the same with ``loss`` under torch.compile
     (inductor), both unprofiled; the compile's own seconds printed apart."""
-    def rate(run) -> float:
+    def rate(run: Callable[[], None]) -> float:
         started = time.perf_counter()
         for _ in range(steps):
             run()

@@ -305,6 +305,14 @@ def test_a_checkpoint_older_than_base_channels_was_trained_32_wide():
     assert resume_mismatch(ckpt, TrainConfig(base_channels=32), "t") is None
 
 
+def test_a_checkpoint_older_than_object_oversample_drew_every_frame_once_a_pass():
+    saved = {k: v for k, v in asdict(TrainConfig()).items() if k != "object_oversample"}
+    ckpt = {"run_token": "t", "config": saved}
+    assert "--object_oversample 1.0, not 3.0" in resume_mismatch(
+        ckpt, TrainConfig(object_oversample=3.0), "t")
+    assert resume_mismatch(ckpt, TrainConfig(), "t") is None
+
+
 def test_a_checkpoint_older_than_a_loss_term_s_flag_trained_without_that_term():
     # --loc_weight's default is 30 and --mask_weight's 10 today; a checkpoint from before the
     # flags trained without them

@@ -272,8 +272,30 @@ def test_object_oversample_weighs_the_frames_that_show_the_ball(tmp_path):
     x = to_float(frames.frames_uint8[:])
     small, _ = small_objects(x, background, usually_empty(mean_frame, background))
     assert torch.equal(weights == 3.0, small.flatten(1).amax(1) > 0)
-    result = fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
-    assert all(math.isfinite(epoch["train_loss"]) for epoch in result.history)
+
+
+@pytest.mark.parametrize("oversample", [1.0, 3.0])
+def test_each_pass_draws_its_order_with_the_object_weights_only_when_oversampling(
+        tmp_path, monkeypatch, oversample):
+    from atari_vae import train as loop
+
+    given, real = [], loop.balanced_order
+
+    def spy(game_ids, generator, weights=None):
+        given.append(weights)
+        return real(game_ids, generator, weights)
+
+    monkeypatch.setattr(loop, "balanced_order", spy)
+    cfg = TrainConfig(**tiny_train_flags(tmp_path / "out", object_oversample=oversample))
+    frames = load_games(parse_games(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed)
+    train_set, val_set = split_by_episode(frames, cfg.val_split, cfg.seed)
+    result = fit(cfg, train_set, val_set)
+    assert len(given) == cfg.epochs and all(math.isfinite(e["train_loss"]) for e in result.history)
+    if oversample == 1.0:
+        assert all(weights is None for weights in given)  # the plain permutation, as before
+    else:
+        assert all(len(w) == len(train_set) and set(w.unique().tolist()) == {1.0, 3.0}
+                   for w in given)
 
 
 def _val_recon(model: VAE, frames, cfg: TrainConfig) -> float:
