@@ -238,11 +238,8 @@ def _object_weights(frames: torch.Tensor, game_ids: torch.Tensor, refs: GameRefe
     """(N,) cpu sampling weight of each frame: ``oversample`` where its pixels show a small
     moving object (``losses.small_objects``), else 1."""
     shows = []
-    for start in range(0, len(frames), EVAL_BATCH):
-        rows = slice(start, start + EVAL_BATCH)
-        mean_frame, background = refs.of(game_ids[rows])
-        small, _ = small_objects(to_float(frames[rows]), background,
-                                 usually_empty(mean_frame, background))
+    for x, mean_frame, background in _batches(ValFrames(frames, game_ids), refs, EVAL_BATCH):
+        small, _ = small_objects(x, background, usually_empty(mean_frame, background))
         shows.append(small.flatten(1).amax(1).cpu() > 0)
     shows = torch.cat(shows)
     log.info("%.1f%% of the training frames show a small moving object; drawn %gx as often",
