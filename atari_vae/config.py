@@ -69,12 +69,12 @@ class TrainConfig(DataConfig):
         16, "Channels of the encoder's first stride-2 stage; the next three have 2x, 4x and 8x "
         "as many, and the decoder mirrors them. 32 is the classic 32-256 (World Models) "
         "width, at 3.7x the compute a frame.")
-    batch_size: int = flag(128, "Frames per optimisation step.")
+    batch_size: int = flag(64, "Frames per optimisation step.")
     epochs: int = flag(
         0, "Passes over the training frames; 0 = as many whole passes as it takes to reach "
         "--train_steps optimizer steps (so a run's length barely depends on the game).")
     train_steps: int = flag(
-        4000, "With --epochs 0: optimizer steps the run is sized for, rounded up to whole "
+        8000, "With --epochs 0: optimizer steps the run is sized for, rounded up to whole "
         "passes over the training frames.")
     lr: float = flag(
         4e-3, "Adam learning rate: linear warm-up over the first epoch, then cosine decay to 5%.")

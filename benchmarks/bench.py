@@ -141,14 +141,14 @@ def flops_per_image(cfg, batch: int = 32) -> float:
 
 def bench_train(ctx: dict) -> None:
     """images/s of the real training step (train._train_epoch) per width, threads, precision
-    and layout, at batch 128."""
+    and layout, at the default batch size."""
     from atari_vae.config import TrainConfig
     from atari_vae.model import LEGACY_ARCHITECTURE
 
     train_set, _ = bench_frames(ctx)
     classic = LEGACY_ARCHITECTURE["base_channels"]
     for width in dict.fromkeys((TrainConfig().base_channels, classic)):
-        _bench_train_width(ctx, train_set, TrainConfig(batch_size=128, base_channels=width))
+        _bench_train_width(ctx, train_set, TrainConfig(base_channels=width))
     torch.set_num_threads(ctx["threads"])
 
 
@@ -157,7 +157,7 @@ def _bench_train_width(ctx: dict, train_set, cfg) -> None:
     from atari_vae.metrics import game_references
 
     flops = flops_per_image(cfg)
-    width = f"--base_channels {cfg.base_channels}"
+    width = f"--base_channels {cfg.base_channels}, batch {cfg.batch_size}"
     row("train", f"model FLOPs/image fwd+bwd, {width}", flops / 1e9, "GFLOP")
     subset = train_set.subset(torch.arange(min(len(train_set), 8 * cfg.batch_size)))
     warm = train_set.subset(torch.arange(2 * cfg.batch_size))
@@ -424,10 +424,10 @@ def bench_tune(ctx: dict) -> None:
 
 # ---------------------------------------------------------------- driver
 def print_table() -> None:
-    print(f"\n{'section':<8} {'figure':<58} {'value':>12} {'unit':<9} {'load':>4}  note")
+    print(f"\n{'section':<8} {'figure':<64} {'value':>12} {'unit':<9} {'load':>4}  note")
     for r in ROWS:
         value = f"{r['value']:,.4g}" if isinstance(r["value"], float) else str(r["value"])
-        print(f"{r['section']:<8} {r['figure'][:58]:<58} {value:>12} {r['unit']:<9} "
+        print(f"{r['section']:<8} {r['figure'][:64]:<64} {value:>12} {r['unit']:<9} "
               f"{r['load']:>4}  {r['note']}")
 
 

@@ -24,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from atari_vae.config import TrainConfig
+
 EVAL_SEEDS = (10000, 20000)
 BALL = ("ball_x", "ball_y")
 
@@ -98,7 +100,7 @@ def table(results: list[dict]) -> str:
             rows.append(f"| {r['recipe']} | error: {r['error']} |")
             continue
         a, b = r[EVAL_SEEDS[0]], r[EVAL_SEEDS[1]]
-        batch = _flag(r["flags"], "--batch_size", 128)
+        batch = _flag(r["flags"], "--batch_size", TrainConfig().batch_size)
         steps = r["epochs"] * -(-r["train_frames"] // batch)
         rows.append(
             f"| {r['recipe']} | {r['train_s']:.0f} | {r['epochs']} | {steps} | "
