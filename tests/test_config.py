@@ -10,7 +10,8 @@ from atari_vae.config import EvaluateConfig, PlanConfig, TrainConfig, TuneConfig
 from atari_vae.errors import AtariVaeError, ConfigError
 
 # The training issue's defaults. kl_weight (1.0 there) and lr (1e-3 there) are not pinned: the
-# quality issue asks for the best values found, and the README says why ("The learning rate").
+# quality issue asks for the best values found, and docs/results.md says why ("The learning
+# rate").
 # num_episodes (100 there) and epochs (100) became 300 episodes and a 2000-step budget when
 # the time-to-quality issue measured both better and 4x faster (docs/results.md, "Default
 # settings"); batch_size (128 there) became 64 at twice the steps, the same passes, when that

@@ -18,7 +18,7 @@ def _frames(n: int, games: int = 1) -> FrameSet:
                     torch.zeros(n, dtype=torch.int64), ids, tuple(f"g{i}" for i in range(games)))
 
 
-@pytest.mark.parametrize("frames, train_steps, epochs", [
+@pytest.mark.parametrize("frames, train_steps, epochs", [  # batch 128
     (51_630, 2000, 5),  # Breakout's 300 default episodes: 404 steps a pass
     (225_000, 2000, 2),  # Pong's: 1758 steps a pass, so two passes reach the budget
     (1_000, 2000, 250),  # 8 steps a pass
@@ -26,7 +26,7 @@ def _frames(n: int, games: int = 1) -> FrameSet:
 ])
 def test_epochs_0_plans_the_fewest_whole_passes_that_reach_the_step_budget(frames, train_steps,
                                                                           epochs):
-    cfg = planned(TrainConfig(epochs=0, train_steps=train_steps), _frames(frames))
+    cfg = planned(TrainConfig(epochs=0, train_steps=train_steps, batch_size=128), _frames(frames))
     assert cfg.epochs == epochs
 
 
