@@ -2,14 +2,14 @@
 
     .venv/bin/python benchmarks/profile_step.py --precision bf16 --threads 2
 
-Runs the real step (``train._loss_terms``, backward, gradient clipping, fused Adam) on 128
-cached Breakout frames under ``torch.profiler`` and prints the operators by self CPU time,
-then the share of convolutions (forward and backward) against everything else: the part that
-fusing the elementwise loss and optimizer work could win at most. Last, the convolutions' own
-rate (their FLOPs over their self CPU time) against the matmul peak of the precision: the
-share of the peak a step would reach if everything else were free. ``--by_shape`` splits the
-table by input shape (layer by layer); ``--compile`` also times the step, unprofiled, eager
-against the loss under ``torch.compile``.
+Runs the real step (``train._loss_terms``, backward, gradient clipping, fused Adam) on one
+default-sized batch of cached Breakout frames under ``torch.profiler`` and prints the operators
+by self CPU time, then the share of convolutions (forward and backward) against everything else:
+the part that fusing the elementwise loss and optimizer work could win at most. Last, the
+convolutions' own rate (their FLOPs over their self CPU time) against the matmul peak of the
+precision: the share of the peak a step would reach if everything else were free. ``--by_shape``
+splits the table by input shape (layer by layer); ``--compile`` also times the step, unprofiled,
+eager against the loss under ``torch.compile``.
 """
 
 from __future__ import annotations

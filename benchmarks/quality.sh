@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the README's results table: for each game, our recipe vs the plain World-Models VAE
+# Reproduce docs/results.md's first table: for each game, our recipe vs the plain World-Models VAE
 # (fg_weight 1, kl_weight 1) under the same budget, scored by `atari-vae evaluate` on 1000 frames
 # of fresh episodes. Usage: bash benchmarks/quality.sh [modest|quick|default] [games...]
 # RECIPES=ours (or plain) runs one recipe only; the table lists every run under outputs/quality.
