@@ -18,6 +18,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DECODERS = ("deconv", "broadcast")
 MAX_EXPERIMENT_NAME_LENGTH = 500  # MLflow's limit (mlflow.utils.validation)
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
+CUDA_GRAPH_CHOICES = ("auto", "off")
 # The quality floor (README "The champion"): a version becomes champion only if, on the
 # selection frames of every game, its PSNR beats the mean frame's by this many dB AND its
 # fg_accuracy beats the mean frame's by this much (absolute). fg_accuracy is the real test: the
@@ -123,6 +124,11 @@ class TrainConfig(DataConfig):
     precision: str = flag(
         "auto", "Matmul precision; auto uses bf16 autocast where the device runs it fast.",
         choices=PRECISION_CHOICES)
+    cuda_graph: str = flag(
+        "auto", "auto: on CUDA, each training step's forward and backward replay as one "
+        "captured CUDA graph (launching ~hundreds of small kernels one by one costs more than "
+        "running them); off: every kernel launched eagerly. CPU and MPS steps are eager.",
+        choices=CUDA_GRAPH_CHOICES)
     output_dir: str = flag("outputs/vae_training", "Where models, checkpoints and plots go.")
     checkpoint_freq: int = flag(10, "Save a checkpoint and reconstructions every N epochs.")
     experiment_name: str = flag("atari-vae", "MLflow experiment to log into.")
@@ -144,8 +150,6 @@ class TrainConfig(DataConfig):
                   "checkpoint_freq")
         _non_negative(self, "epochs")
         _positive(self, "lr", "fg_weight", "object_oversample")
-        if not math.isfinite(self.object_oversample):
-            raise ConfigError(f"--object_oversample must be finite, got {self.object_oversample}")
         _non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",
                       "coord_weight", "mask_weight")
         if not 0.0 < self.val_split < 1.0:
@@ -155,6 +159,7 @@ class TrainConfig(DataConfig):
                 f"--num_episodes must be at least 2 (train and validation are split by "
                 f"episode), got {self.num_episodes}")
         _choice(self, "precision", PRECISION_CHOICES)
+        _choice(self, "cuda_graph", CUDA_GRAPH_CHOICES)
         _choice(self, "decoder", DECODERS)
         _collect_policy(self)
 
@@ -407,16 +412,24 @@ def _experiment_name(cfg: Any) -> None:
 
 def _positive(cfg: Any, *names: str) -> None:
     for name in names:
-        value = getattr(cfg, name)
+        value = _finite(cfg, name)
         if not value > 0:
             raise ConfigError(f"--{name} must be positive, got {value}")
 
 
 def _non_negative(cfg: Any, *names: str) -> None:
     for name in names:
-        value = getattr(cfg, name)
+        value = _finite(cfg, name)
         if not value >= 0:
             raise ConfigError(f"--{name} must be zero or positive, got {value}")
+
+
+def _finite(cfg: Any, name: str) -> Any:
+    """The flag's value; inf and nan are refused (click's FLOAT parses both)."""
+    value = getattr(cfg, name)
+    if not math.isfinite(value):
+        raise ConfigError(f"--{name} must be a finite number, got {value}")
+    return value
 
 
 def _choice(cfg: Any, name: str, allowed: tuple[str, ...], prefix: bool = False) -> None:

@@ -85,7 +85,9 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     """Mixed-precision context for ``dtype``; a no-op for float32."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    # PyTorch asks for autocast's weight cache off while a CUDA graph is captured.
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=not capturing)
 
 
 def seed_everything(seed: int) -> None:

@@ -9,6 +9,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -25,6 +26,7 @@ from atari_vae.checkpoints import (
     save_atomic,
 )
 from atari_vae.config import TrainConfig
+from atari_vae.cuda_graph import GraphedBackward, wants_cuda_graph
 from atari_vae.data import FrameSet, balanced_order
 from atari_vae.envs import FRAME_SHAPE, to_float
 from atari_vae.errors import NonFiniteLossError
@@ -136,12 +138,14 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
         state.history, state.epoch = list(ckpt["history"]), ckpt["epoch"]
         state.best_epoch, state.best_val_loss = ckpt["best_epoch"], ckpt["best_val_loss"]
 
+    backward = _backward_step(model, frames, train_set.game_ids.to(device), refs, cfg, dtype)
     bar = tqdm(range(state.epoch + 1, cfg.epochs + 1), desc="train", unit="epoch",
                initial=state.epoch, total=cfg.epochs, disable=None)
     for epoch in bar:
         started = time.perf_counter()
-        train_stats = _train_epoch(model, optimizer, scheduler, frames, train_set.game_ids,
-                                   refs, cfg, order_rng, dtype, frame_weights)
+        model.train()
+        train_stats = _train_epoch(backward, optimizer, scheduler, train_set.game_ids, cfg,
+                                   order_rng, device, frame_weights)
         val_stats = _validate(model, val, refs, cfg, dtype)
         stats = {"epoch": epoch, **train_stats, **val_stats,
                  "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started}
@@ -247,22 +251,36 @@ def _object_weights(frames: torch.Tensor, game_ids: torch.Tensor, refs: GameRefe
     return 1 + (oversample - 1) * shows.double()
 
 
-def _train_epoch(model, optimizer, scheduler, frames, game_ids, refs, cfg, order_rng,
-                 dtype, frame_weights=None) -> dict[str, float]:
-    model.train()
-    order = balanced_order(game_ids, order_rng, frame_weights).to(frames.device)
-    game_ids = game_ids.to(frames.device)
-    sums = torch.zeros(3, device=frames.device)  # accumulated on device: no per-step host sync
-    for start in range(0, len(order), cfg.batch_size):
-        index = order[start:start + cfg.batch_size]
+def _backward_step(model, frames, game_ids, refs, cfg,
+                   dtype) -> Callable[[torch.Tensor], LossTerms]:
+    """``(index) -> loss terms`` of the frames at ``index``, their gradients in the parameters'
+    ``.grad`` (clipped); replayed as a CUDA graph where ``--cuda_graph`` allows."""
+    def backward(index: torch.Tensor) -> LossTerms:
         x = to_float(frames[index])
         terms, _ = _loss_terms(model, x, *refs.of(game_ids[index]), cfg, dtype)
-        optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+        return terms
+
+    if wants_cuda_graph(cfg.cuda_graph, frames.device):
+        return GraphedBackward(backward, list(model.parameters()), cfg.batch_size)
+
+    def eager(index: torch.Tensor) -> LossTerms:
+        model.zero_grad(set_to_none=True)
+        return backward(index)
+    return eager
+
+
+def _train_epoch(backward, optimizer, scheduler, game_ids, cfg, order_rng, device,
+                 frame_weights=None) -> dict[str, float]:
+    order = balanced_order(game_ids, order_rng, frame_weights).to(device)
+    sums = torch.zeros(3, device=device)  # accumulated on device: no per-step host sync
+    for start in range(0, len(order), cfg.batch_size):
+        index = order[start:start + cfg.batch_size]
+        terms = backward(index)
         optimizer.step()
         scheduler.step()
-        sums += torch.stack([t.detach() for t in terms]) * len(x)
+        sums += torch.stack([t.detach() for t in terms]) * len(index)
     total, recon, kl = (sums / len(order)).tolist()
     return {"train_loss": total, "train_recon": recon, "train_kl": kl}
 

@@ -176,8 +176,11 @@ def _bench_train_width(ctx: dict, train_set, cfg) -> None:
                 gen = torch.Generator().manual_seed(0)
 
                 def epoch(data=subset, model=model, opt=opt, sched=sched, gen=gen, dtype=dtype):
-                    train._train_epoch(model, opt, sched, data.frames_uint8, data.game_ids,
-                                       refs, cfg, gen, dtype)
+                    model.train()
+                    backward = train._backward_step(model, data.frames_uint8, data.game_ids,
+                                                    refs, cfg, dtype)
+                    train._train_epoch(backward, opt, sched, data.game_ids, cfg, gen,
+                                       torch.device("cpu"))
 
                 epoch(warm)
                 seconds = min(median_time(epoch, 1, 0) for _ in range(2))

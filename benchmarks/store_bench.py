@@ -137,8 +137,10 @@ def train(games: list[str], episodes: int, mode: str, steps: int, precision: str
 
         def run(rows: FrameRows) -> float:
             started = time.perf_counter()
-            training._train_epoch(model, opt, sched, rows, train_set.game_ids[pick[:len(rows)]],
-                                  refs, cfg, torch.Generator().manual_seed(1), dtype)
+            game_ids = train_set.game_ids[pick[:len(rows)]]
+            training._train_epoch(training._backward_step(model, rows, game_ids, refs, cfg, dtype),
+                                  opt, sched, game_ids, cfg, torch.Generator().manual_seed(1),
+                                  torch.device("cpu"))
             return time.perf_counter() - started
 
         run(FrameRows.of(sample, torch.arange(2 * BATCH)))  # warm-up
@@ -190,8 +192,9 @@ def ab(games: list[str], episodes: int, steps: int, rounds: int, precision: str)
     for _ in range(rounds):
         for name, rows in sources.items():
             started = time.perf_counter()
-            training._train_epoch(model, opt, sched, rows, game_ids, refs, cfg,
-                                  torch.Generator().manual_seed(1), dtype)
+            training._train_epoch(training._backward_step(model, rows, game_ids, refs, cfg, dtype),
+                                  opt, sched, game_ids, cfg, torch.Generator().manual_seed(1),
+                                  torch.device("cpu"))
             rate = steps * BATCH / (time.perf_counter() - started)
             result["images_per_s"].setdefault(name, []).append(round(rate, 1))
     result["load_after"] = os.getloadavg()[0]

@@ -57,6 +57,27 @@ def test_recipes_trains_scores_both_seeds_and_tabulates_each_recipe(tmp_path):
     assert "| tiny | " in done.stdout
 
 
+def test_gpu_check_script_trains_scores_both_seeds_and_prints_its_summary(tmp_path):
+    """benchmarks/gpu.sh waits for a GPU machine; its CPU dry run keeps it from rotting."""
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True,
+        timeout=600, env={
+            **os.environ, "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu",
+            "GPU_CHECK_TESTS": "0", "GPU_CHECK_DIR": str(tmp_path / "gpu-check"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "TRAIN_FLAGS": "--num_episodes 3 --max_steps 60 --epochs 2 --batch_size 32 "
+                           "--latent_dim 8",
+            "EVAL_FLAGS": "--num_samples 40 --max_steps 60 --probe_frames 1200"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = done.stdout[done.stdout.index("train wall"):]
+    assert re.search(r"epochs 2, [\d.]+ s, [\d,]+ images/s", summary)
+    assert "steps: eager (no CUDA graph)" in summary
+    probed, pixels_only = re.findall(r"held-out seed (\d+): (.*)", summary)
+    assert probed[0] == "10000" and "probe_score " in probed[1]
+    assert pixels_only[0] == "20000" and "probe_score" not in pixels_only[1]
+    assert "fg_accuracy" in pixels_only[1]
+
+
 def test_probe_survival_bounds_the_ball_r2_on_all_frames_by_what_the_pixels_show(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "probe.py"), "survival", "--game", "Breakout",
