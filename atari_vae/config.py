@@ -253,7 +253,7 @@ class TuneConfig(TrainConfig):
         _non_negative(self, "n_trials", "timeout")
         if self.n_trials == 0 and self.timeout == 0:
             raise ConfigError("--n_trials must be at least 1 (or give --timeout), got 0")
-        _positive(self, "kl_budget", "kl_weight_min", "latent_dim_min")
+        _positive(self, "kl_budget", "kl_weight_min", "kl_weight_max", "latent_dim_min")
         if self.kl_weight_min > self.kl_weight_max:
             raise ConfigError("--kl_weight_min must not exceed --kl_weight_max")
         if self.latent_dim_min > self.latent_dim_max:

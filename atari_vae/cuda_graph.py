@@ -38,7 +38,10 @@ class GraphedBackward:
     def __init__(self, backward: Callable[[torch.Tensor], T],
                  params: Sequence[torch.nn.Parameter], batch_size: int) -> None:
         self._backward, self._params, self._batch_size = backward, list(params), batch_size
-        self._stream = torch.cuda.Stream()  # warm-up and capture on one stream (cuBLAS handles)
+        # Streams, synchronisation and the capture act on the current CUDA device, which
+        # --device cuda:N does not set: each call makes the parameters' device current.
+        self._device = self._params[0].device
+        self._stream = torch.cuda.Stream(self._device)  # warm-up and capture (cuBLAS handles)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._index: torch.Tensor | None = None
         self._result: T | None = None
@@ -50,6 +53,10 @@ class GraphedBackward:
         return self._graph is not None
 
     def __call__(self, index: torch.Tensor) -> T:
+        with torch.cuda.device(self._device):
+            return self._step(index)
+
+    def _step(self, index: torch.Tensor) -> T:
         if len(index) != self._batch_size or self._failed:
             return self._eager(index)
         self._full_batches += 1
@@ -92,9 +99,8 @@ class GraphedBackward:
             self._failed, self._result = True, None
             self._zero_grads()
             return False
-        # Detached views of the graph's outputs: kept alive with their autograd graph, its
-        # gradient-accumulator nodes (made on the capture stream) would be reused by an eager
-        # step on another stream, which autograd warns about.
+        # Detached views of the graph's outputs (replays still write into them): attached,
+        # they would keep the captured autograd graph's nodes alive for the whole run.
         self._graph, self._result = graph, _detached(result)
         log.info("training steps of %d frames replay one CUDA graph from step %d on",
                  self._batch_size, self._full_batches)
