@@ -126,8 +126,8 @@ class TrainConfig(DataConfig):
         choices=PRECISION_CHOICES)
     cuda_graph: str = flag(
         "auto", "auto: on CUDA, each training step's forward and backward replay as one "
-        "captured CUDA graph (launching ~hundreds of small kernels one by one costs more than "
-        "running them); off: every kernel launched eagerly. CPU and MPS steps are eager.",
+        "captured CUDA graph (launching the step's many small kernels one by one costs more "
+        "than running them); off: every kernel launched eagerly. CPU and MPS steps are eager.",
         choices=CUDA_GRAPH_CHOICES)
     output_dir: str = flag("outputs/vae_training", "Where models, checkpoints and plots go.")
     checkpoint_freq: int = flag(10, "Save a checkpoint and reconstructions every N epochs.")
