@@ -1,7 +1,7 @@
 """A training step's forward and backward replayed as one captured CUDA graph.
 
 On a GPU this model's step is many small kernels that take longer to launch one by one than
-to run: on an H200 a 64-frame step took ~6.5 ms eagerly and ~1.5 ms replayed from a graph
+to run: on an H200 a 64-frame step took ~6.2-7.3 ms eagerly and ~1.5 ms replayed from a graph
 (`benchmarks/README.md`, "On a GPU with CUDA graphs"). The optimizer step and the
 learning-rate schedule stay eager, so they are the same code on every device.
 """

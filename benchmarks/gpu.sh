@@ -58,6 +58,7 @@ for seed in 10000 20000; do
   cat "$OUT_DIR/eval-$seed/metrics.txt"
 done
 
+echo "gpu.sh took $SECONDS s"
 "$PY" - "$OUT_DIR" "$started" "$ended" <<'EOF'
 import json, re, sys
 from pathlib import Path

@@ -69,6 +69,7 @@ def test_gpu_check_script_trains_scores_both_seeds_and_prints_its_summary(tmp_pa
                            "--latent_dim 8",
             "EVAL_FLAGS": "--num_samples 40 --max_steps 60 --probe_frames 1200"})
     assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"gpu.sh took \d+ s", done.stdout)
     summary = done.stdout[done.stdout.index("train wall"):]
     assert re.search(r"epochs 2, [\d.]+ s, [\d,]+ images/s", summary)
     assert "steps: eager (no CUDA graph)" in summary
