@@ -109,9 +109,17 @@ def _fresh_model(cfg, refs):
     return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+def _train_pass(model, opt, sched, rows, game_ids, refs, cfg, dtype) -> None:
+    """One pass of training's own steps (``train._train_epoch``) over ``rows`` on the CPU."""
+    from atari_vae import train as training
+
+    training._train_epoch(training._backward_step(model, rows, game_ids, refs, cfg, dtype),
+                          opt, sched, game_ids, cfg, torch.Generator().manual_seed(1),
+                          torch.device("cpu"))
+
+
 def train(games: list[str], episodes: int, mode: str, steps: int, precision: str) -> dict:
     """images/s of ``steps`` real training steps (train._train_epoch), batch 128."""
-    from atari_vae import train as training
     from atari_vae.config import TrainConfig
     from atari_vae.data import epoch_length, load_games, split_by_episode
     from atari_vae.envs import resolve_game
@@ -137,10 +145,8 @@ def train(games: list[str], episodes: int, mode: str, steps: int, precision: str
 
         def run(rows: FrameRows) -> float:
             started = time.perf_counter()
-            game_ids = train_set.game_ids[pick[:len(rows)]]
-            training._train_epoch(training._backward_step(model, rows, game_ids, refs, cfg, dtype),
-                                  opt, sched, game_ids, cfg, torch.Generator().manual_seed(1),
-                                  torch.device("cpu"))
+            _train_pass(model, opt, sched, rows, train_set.game_ids[pick[:len(rows)]], refs,
+                        cfg, dtype)
             return time.perf_counter() - started
 
         run(FrameRows.of(sample, torch.arange(2 * BATCH)))  # warm-up
@@ -157,7 +163,6 @@ def ab(games: list[str], episodes: int, steps: int, rounds: int, precision: str)
     """Store against RAM in one process, alternately, at the same load: batch gather ms, and
     images/s of ``steps`` training steps per round (the same rows, from the store's map or from
     a copy of them in RAM)."""
-    from atari_vae import train as training
     from atari_vae.config import TrainConfig
     from atari_vae.data import load_games, split_by_episode
     from atari_vae.envs import resolve_game
@@ -192,9 +197,7 @@ def ab(games: list[str], episodes: int, steps: int, rounds: int, precision: str)
     for _ in range(rounds):
         for name, rows in sources.items():
             started = time.perf_counter()
-            training._train_epoch(training._backward_step(model, rows, game_ids, refs, cfg, dtype),
-                                  opt, sched, game_ids, cfg, torch.Generator().manual_seed(1),
-                                  torch.device("cpu"))
+            _train_pass(model, opt, sched, rows, game_ids, refs, cfg, dtype)
             rate = steps * BATCH / (time.perf_counter() - started)
             result["images_per_s"].setdefault(name, []).append(round(rate, 1))
     result["load_after"] = os.getloadavg()[0]
