@@ -61,6 +61,19 @@ def tiny_train_flags(output_dir: Path | str, **overrides: object) -> dict[str, o
     return flags
 
 
+def tiny_fit(output_dir: Path, **overrides: object):
+    """``train.fit`` on ``tiny_train_flags`` (no MLflow): its ``TrainResult``."""
+    from atari_vae.config import TrainConfig
+    from atari_vae.data import load_games, split_by_episode
+    from atari_vae.envs import parse_games
+    from atari_vae.train import fit
+
+    cfg = TrainConfig(**tiny_train_flags(output_dir, **overrides))
+    frames = load_games(parse_games(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed,
+                        progress=False)
+    return fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
+
+
 # The quick test's data and epochs (latent 8) on the 32-256 wide net, which learns more an
 # epoch than the default 16-128: the model learns the paddle and the score and clears the
 # quality floor on the selection frames (+0.86 dB, +0.35 fg accuracy on 64 frames).

@@ -12,11 +12,8 @@ import torch
 
 from atari_vae.config import TrainConfig
 from atari_vae.cuda_graph import WARMUP_STEPS, GraphedBackward, wants_cuda_graph
-from atari_vae.data import load_games, split_by_episode
-from atari_vae.envs import parse_games
 from atari_vae.errors import ConfigError
-from atari_vae.train import fit
-from tests.conftest import tiny_train_flags
+from tests.conftest import tiny_fit, tiny_train_flags
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -68,21 +65,16 @@ def test_every_replayed_batch_gets_the_gradients_an_eager_step_computes() -> Non
     assert graphed.captured
 
 
-def _tiny_fit(tmp_path: Path, **overrides: object):
-    cfg = TrainConfig(**tiny_train_flags(tmp_path, device="cuda", precision="fp32",
-                                         batch_size=16, **overrides))
-    frames = load_games(parse_games(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed,
-                        progress=False)
-    return fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
+TINY_CUDA_FP32 = dict(device="cuda", precision="fp32", batch_size=16, epochs=3)
 
 
 @needs_cuda
 def test_a_graphed_run_learns_like_an_eager_one(tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="atari_vae.cuda_graph"):
-        graphed = _tiny_fit(tmp_path / "graphed", epochs=3)
+        graphed = tiny_fit(tmp_path / "graphed", **TINY_CUDA_FP32)
     assert "replay one CUDA graph" in caplog.text
-    eager = _tiny_fit(tmp_path / "eager", epochs=3, cuda_graph="off")
+    eager = tiny_fit(tmp_path / "eager", cuda_graph="off", **TINY_CUDA_FP32)
     for run in (graphed, eager):
         losses = [h["train_loss"] for h in run.history]
         assert losses[-1] < losses[0]

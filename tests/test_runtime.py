@@ -14,14 +14,11 @@ import pytest
 import torch
 
 from atari_vae import runtime
-from atari_vae.config import TrainConfig
-from atari_vae.data import load_games, split_by_episode
-from atari_vae.envs import FRAME_SHAPE, parse_games
+from atari_vae.envs import FRAME_SHAPE
 from atari_vae.errors import ConfigError
 from atari_vae.model import vae_for
 from atari_vae.runtime import autocast, resolve_device, resolve_precision, seed_everything
-from atari_vae.train import fit
-from tests.conftest import tiny_train_flags
+from tests.conftest import tiny_fit
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 no_accelerator = pytest.mark.skipif(
@@ -99,18 +96,12 @@ def test_seed_everything_repeats_torch_and_numpy_draws() -> None:
     assert np.array_equal(first[1], second[1])
 
 
-def _tiny_fit(tmp_path: Path, **overrides: object):
-    cfg = TrainConfig(**tiny_train_flags(tmp_path / "out", **overrides))
-    frames = load_games(parse_games(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed,
-                        progress=False)
-    return fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
-
 
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_on_cuda_gives_finite_losses_and_weights_that_load_on_cpu(
         tmp_path: Path, precision: str) -> None:
-    result = _tiny_fit(tmp_path, device="cuda", precision=precision)
+    result = tiny_fit(tmp_path / "out", device="cuda", precision=precision)
     assert all(math.isfinite(epoch["val_loss"]) for epoch in result.history)
     assert next(result.model.parameters()).device.type == "cuda"
     state = torch.load(tmp_path / "out" / "best_model.pt", map_location="cpu",
