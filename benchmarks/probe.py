@@ -3,6 +3,7 @@
     python benchmarks/probe.py survival --game Breakout --frames 20000
     python benchmarks/probe.py baselines --game Pong --frames 20000
     python benchmarks/probe.py baselines --game Breakout --pixels
+    python benchmarks/probe.py budget --game Breakout --model outputs/run/best_model.pt
     python benchmarks/probe.py table outputs/probe/*/eval
 
 ``survival``: labelled fresh frames (evaluate's probe seed), scored for how often the ball (or
@@ -12,6 +13,10 @@ centroid (R^2 of a line fitted on the frames with exactly one small object).
 ``baselines``: the probe's random-init encoder (32 latents) and majority class, no model needed;
 ``--pixels`` adds the same probe on the 64x64 RGB pixels themselves (12,288 features): what a
 line can read from the frames a model sees, before any encoder.
+``budget``: a trained model's probe (and its random-init encoder's) twice on evaluate's
+frames and split, once with the protocol's optimiser budget and once trained longer at a
+higher rate: how much of an F1 is the code and how much the probe's budget (a byte on a
+smooth line in z needs large weights).
 ``table``: one markdown row per evaluate output folder with a ``state_probe.json``.
 """
 
@@ -39,6 +44,7 @@ from atari_vae.probe import (
     probe_sources,
     split_episodes,
 )
+from atari_vae.registry import load_state_file
 from atari_vae.state_labels import load_or_collect_labelled, variables
 
 BALLS = {"breakout": ("ball_x", "ball_y"), "pong": ("ball_x", "ball_y"),
@@ -91,22 +97,43 @@ def survival(args: argparse.Namespace) -> None:
               f"view): {_in_sample_r2([position, counts == 1], ram):.3f}")
 
 
-def baselines(args: argparse.Namespace) -> None:
-    """The probe's reference rows for a game without a trained model: random init, majority."""
-    game = resolve_game(args.game)
-    seed = 10_000 + PROBE_SEED_OFFSET  # evaluate's default probe episodes
-    labelled = load_or_collect_labelled(game, args.frames, 1000, seed)
-    names = variables(game)
+def _probe_frames(game_name: str, n_frames: int) -> tuple:
+    """(game, labelled frames, variable names, (train, val, test) masks, seed): evaluate's
+    default probe episodes and their split, test frames seen in train or val dropped."""
+    game = resolve_game(game_name)
+    seed = 10_000 + PROBE_SEED_OFFSET
+    labelled = load_or_collect_labelled(game, n_frames, 1000, seed)
     train, val, test = split_episodes(labelled.episode_ids, seed)
     test = drop_seen(test, train | val, labelled.frames_uint8)
+    return game, labelled, variables(game), (train, val, test), seed
+
+
+def baselines(args: argparse.Namespace) -> None:
+    """The probe's reference rows for a game without a trained model: random init, majority."""
+    game, labelled, names, masks, seed = _probe_frames(args.game, args.frames)
     encoder = random_init_like(VAE(latent_dim=args.latent_dim,
                                    base_channels=args.base_channels), seed)
     features = {"random_init": encoder_means(encoder, labelled.frames_uint8)}
     if args.pixels:
         features["pixels"] = labelled.frames_uint8.reshape(len(labelled.frames_uint8), -1)
-    report = probe_sources(features, labelled.labels(names), list(names), (train, val, test),
+    report = probe_sources(features, labelled.labels(names), list(names), masks,
                            ProbeSettings(seed=seed))
     print(format_probe_table({game.title: report}))
+
+
+def budget(args: argparse.Namespace) -> None:
+    """The protocol's probe against one trained longer and faster, on the same frames and split."""
+    game, labelled, names, masks, seed = _probe_frames(args.game, args.frames)
+    model = load_state_file(Path(args.model))
+    features = {"model": encoder_means(model, labelled.frames_uint8),
+                "random_init": encoder_means(random_init_like(model, seed), labelled.frames_uint8)}
+    budgets = {"protocol": ProbeSettings(seed=seed),
+               "longer": ProbeSettings(lr=args.lr, max_epochs=args.max_epochs,
+                                          patience=args.patience, seed=seed)}
+    for label, settings in budgets.items():
+        report = probe_sources(features, labelled.labels(names), list(names), masks, settings)
+        print(f"{label}: {settings}")
+        print(format_probe_table({game.title: report}))
 
 
 def table(args: argparse.Namespace) -> None:
@@ -146,6 +173,14 @@ def main() -> None:
                    help="the random-init encoder's width (32: the net before 2026-11-30)")
     p.add_argument("--pixels", action="store_true", help="also probe the raw 64x64 RGB pixels")
     p.set_defaults(run=baselines)
+    p = sub.add_parser("budget", help="a model's probe at the protocol's budget and a longer one")
+    p.add_argument("--game", default="Breakout")
+    p.add_argument("--model", required=True, help="a best_model.pt or checkpoint")
+    p.add_argument("--frames", type=int, default=20_000)
+    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--max_epochs", type=int, default=400)
+    p.add_argument("--patience", type=int, default=50)
+    p.set_defaults(run=budget)
     p = sub.add_parser("table", help="markdown table of evaluate folders")
     p.add_argument("folders", nargs="+")
     p.set_defaults(run=table)

@@ -139,3 +139,26 @@ def test_probe_baselines_with_pixels_scores_the_raw_frames_beside_the_random_enc
                                      if line.startswith("game score")).split()[2:]]
     assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores)
     assert scores[2] > scores[0]  # the frames say more than the most common value
+
+
+def test_probe_budget_scores_one_model_at_the_protocol_budget_and_at_a_longer_one(tmp_path):
+    import torch
+
+    from atari_vae.model import VAE
+
+    torch.save(VAE(mask=True, locator=True).state_dict(), tmp_path / "model.pt")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "probe.py"), "budget", "--game",
+         "Breakout", "--model", str(tmp_path / "model.pt"), "--frames", "1500",
+         "--max_epochs", "30", "--lr", "0.05"], capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO),
+                           "ATARI_VAE_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.splitlines()
+    budgets = [line for line in out if line.startswith(("protocol:", "longer:"))]
+    assert [b.split(":")[0] for b in budgets] == ["protocol", "longer"]
+    assert "lr=0.002" in budgets[0] and "lr=0.05" in budgets[1] and "max_epochs=30" in budgets[1]
+    scores = [[float(v) for v in line.split()[2:]] for line in out
+              if line.startswith("game score")]
+    assert len(scores) == 2 and all(len(s) == 3 and 0.0 <= min(s) <= max(s) <= 1.0
+                                    for s in scores)  # majority, model, random init
