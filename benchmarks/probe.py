@@ -26,12 +26,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from atari_vae.config import TrainConfig
-from atari_vae.envs import resolve_game, to_float
+from atari_vae.envs import Game, resolve_game, to_float
 from atari_vae.evaluate import PROBE_SEED_OFFSET
 from atari_vae.metrics import SMALL_OBJECT_MAX_PIXELS, reference_frames, small_object_labels
 from atari_vae.model import VAE, random_init_like
@@ -45,7 +46,7 @@ from atari_vae.probe import (
     split_episodes,
 )
 from atari_vae.registry import load_state_file
-from atari_vae.state_labels import load_or_collect_labelled, variables
+from atari_vae.state_labels import LabelledFrames, load_or_collect_labelled, variables
 
 BALLS = {"breakout": ("ball_x", "ball_y"), "pong": ("ball_x", "ball_y"),
          "space_invaders": ("missiles_y",)}
@@ -97,15 +98,24 @@ def survival(args: argparse.Namespace) -> None:
               f"view): {_in_sample_r2([position, counts == 1], ram):.3f}")
 
 
-def _probe_frames(game_name: str, n_frames: int) -> tuple:
-    """(game, labelled frames, variable names, (train, val, test) masks, seed): evaluate's
-    default probe episodes and their split, test frames seen in train or val dropped."""
+class ProbeFrames(NamedTuple):
+    """Evaluate's default probe episodes, labelled, and their split."""
+
+    game: Game
+    labelled: LabelledFrames
+    names: dict[str, int]  # variable -> RAM byte
+    masks: tuple[np.ndarray, np.ndarray, np.ndarray]  # train, val, test (seen frames dropped)
+    seed: int
+
+
+def _probe_frames(game_name: str, n_frames: int) -> ProbeFrames:
+    """The frames and split ``atari-vae evaluate`` probes at its default --seed and --max_steps."""
     game = resolve_game(game_name)
     seed = 10_000 + PROBE_SEED_OFFSET
     labelled = load_or_collect_labelled(game, n_frames, 1000, seed)
     train, val, test = split_episodes(labelled.episode_ids, seed)
     test = drop_seen(test, train | val, labelled.frames_uint8)
-    return game, labelled, variables(game), (train, val, test), seed
+    return ProbeFrames(game, labelled, variables(game), (train, val, test), seed)
 
 
 def baselines(args: argparse.Namespace) -> None:
@@ -122,14 +132,16 @@ def baselines(args: argparse.Namespace) -> None:
 
 
 def budget(args: argparse.Namespace) -> None:
-    """The protocol's probe against one trained longer and faster, on the same frames and split."""
+    """The probe at evaluate's optimiser budget and with probes trained longer at a higher
+    rate, for one model and its random-init encoder, on the same frames and split."""
     game, labelled, names, masks, seed = _probe_frames(args.game, args.frames)
     model = load_state_file(Path(args.model))
+    print(f"model: {args.model}")
     features = {"model": encoder_means(model, labelled.frames_uint8),
                 "random_init": encoder_means(random_init_like(model, seed), labelled.frames_uint8)}
     budgets = {"protocol": ProbeSettings(seed=seed),
                "longer": ProbeSettings(lr=args.lr, max_epochs=args.max_epochs,
-                                          patience=args.patience, seed=seed)}
+                                       patience=args.patience, seed=seed)}
     for label, settings in budgets.items():
         report = probe_sources(features, labelled.labels(names), list(names), masks, settings)
         print(f"{label}: {settings}")

@@ -141,10 +141,12 @@ def test_probe_baselines_with_pixels_scores_the_raw_frames_beside_the_random_enc
     assert scores[2] > scores[0]  # the frames say more than the most common value
 
 
-def test_probe_budget_scores_one_model_at_the_protocol_budget_and_at_a_longer_one(tmp_path):
+def test_probe_budget_scores_one_model_on_one_split_at_evaluates_budget_and_a_longer_one(
+        tmp_path):
     import torch
 
     from atari_vae.model import VAE
+    from atari_vae.probe import ProbeSettings
 
     torch.save(VAE(mask=True, locator=True).state_dict(), tmp_path / "model.pt")
     done = subprocess.run(
@@ -157,7 +159,12 @@ def test_probe_budget_scores_one_model_at_the_protocol_budget_and_at_a_longer_on
     out = done.stdout.splitlines()
     budgets = [line for line in out if line.startswith(("protocol:", "longer:"))]
     assert [b.split(":")[0] for b in budgets] == ["protocol", "longer"]
-    assert "lr=0.002" in budgets[0] and "lr=0.05" in budgets[1] and "max_epochs=30" in budgets[1]
+    evaluates = ProbeSettings()
+    assert f"lr={evaluates.lr}," in budgets[0]
+    assert f"max_epochs={evaluates.max_epochs}," in budgets[0]
+    assert "lr=0.05," in budgets[1] and "max_epochs=30," in budgets[1]
+    splits = [line.split(";")[0] for line in out if "probe-train" in line]
+    assert len(splits) == 2 and splits[0] == splits[1]  # the same frames and split for both
     scores = [[float(v) for v in line.split()[2:]] for line in out
               if line.startswith("game score")]
     assert len(scores) == 2 and all(len(s) == 3 and 0.0 <= min(s) <= max(s) <= 1.0
