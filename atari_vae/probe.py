@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from atari_vae.metrics import reference_frames, small_object_labels
 from atari_vae.model import VAE, random_init_like
 from atari_vae.state_labels import (
     CATEGORIES,
+    LabelledFrames,
     categories_of,
     entropy_nats,
     is_coordinate,
@@ -284,21 +286,32 @@ def encoder_means(model: VAE, frames_uint8: torch.Tensor, batch: int = 256) -> t
                       for i in range(0, len(frames_uint8), batch)])
 
 
-def probe_model(model: VAE, game: Game, n_frames: int, max_steps: int, seed: int,
-                settings: ProbeSettings | None = None) -> ProbeReport:
-    """Probe ``model``'s mu, a random-init encoder's and the majority class on fresh episodes.
+class ProbeFrames(NamedTuple):
+    """One game's labelled fresh frames and their probe split."""
 
-    ``n_frames`` labelled frames of episodes seeded ``seed`` are split by episode 70/10/20
-    into probe-train, validation and test (test frames also seen in train/val are dropped).
-    """
+    labelled: LabelledFrames
+    names: dict[str, int]  # variable -> RAM byte
+    masks: tuple[np.ndarray, np.ndarray, np.ndarray]  # train, val, test
+
+
+def probe_frames(game: Game, n_frames: int, max_steps: int, seed: int) -> ProbeFrames:
+    """``n_frames`` labelled frames of episodes seeded ``seed``, split by episode 70/10/20 into
+    probe-train, validation and test (test frames also seen in train/val are dropped)."""
     labelled = load_or_collect_labelled(game, n_frames, max_steps, seed)
-    names = variables(game)
     train, val, test = split_episodes(labelled.episode_ids, seed)
     test = drop_seen(test, train | val, labelled.frames_uint8)
+    return ProbeFrames(labelled, variables(game), (train, val, test))
+
+
+def probe_model(model: VAE, game: Game, n_frames: int, max_steps: int, seed: int,
+                settings: ProbeSettings | None = None) -> ProbeReport:
+    """Probe ``model``'s mu, a random-init encoder's and the majority class on the frames of
+    ``probe_frames``."""
+    labelled, names, masks = probe_frames(game, n_frames, max_steps, seed)
     features = {"model": encoder_means(model, labelled.frames_uint8),
                 "random_init": encoder_means(random_init_like(model, seed),
                                              labelled.frames_uint8)}
-    return probe_sources(features, labelled.labels(names), list(names), (train, val, test),
+    return probe_sources(features, labelled.labels(names), list(names), masks,
                          settings or ProbeSettings(seed=seed),
                          one_small_object(labelled.frames_uint8))
 

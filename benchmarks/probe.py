@@ -26,7 +26,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,16 +36,16 @@ from atari_vae.evaluate import PROBE_SEED_OFFSET
 from atari_vae.metrics import SMALL_OBJECT_MAX_PIXELS, reference_frames, small_object_labels
 from atari_vae.model import VAE, random_init_like
 from atari_vae.probe import (
+    ProbeFrames,
     ProbeSettings,
-    drop_seen,
     encoder_means,
     format_probe_table,
     linear_r2,
+    probe_frames,
     probe_sources,
-    split_episodes,
 )
 from atari_vae.registry import load_state_file
-from atari_vae.state_labels import LabelledFrames, load_or_collect_labelled, variables
+from atari_vae.state_labels import load_or_collect_labelled, variables
 
 BALLS = {"breakout": ("ball_x", "ball_y"), "pong": ("ball_x", "ball_y"),
          "space_invaders": ("missiles_y",)}
@@ -98,29 +97,16 @@ def survival(args: argparse.Namespace) -> None:
               f"view): {_in_sample_r2([position, counts == 1], ram):.3f}")
 
 
-class ProbeFrames(NamedTuple):
-    """Evaluate's default probe episodes, labelled, and their split."""
-
-    game: Game
-    labelled: LabelledFrames
-    names: dict[str, int]  # variable -> RAM byte
-    masks: tuple[np.ndarray, np.ndarray, np.ndarray]  # train, val, test (seen frames dropped)
-    seed: int
-
-
-def _probe_frames(game_name: str, n_frames: int) -> ProbeFrames:
-    """The frames and split ``atari-vae evaluate`` probes at its default --seed and --max_steps."""
-    game = resolve_game(game_name)
-    seed = 10_000 + PROBE_SEED_OFFSET
-    labelled = load_or_collect_labelled(game, n_frames, 1000, seed)
-    train, val, test = split_episodes(labelled.episode_ids, seed)
-    test = drop_seen(test, train | val, labelled.frames_uint8)
-    return ProbeFrames(game, labelled, variables(game), (train, val, test), seed)
+def _evaluates_probe_frames(game_name: str, n_frames: int) -> tuple[Game, ProbeFrames, int]:
+    """(game, frames and split, seed) that ``atari-vae evaluate`` probes at its default --seed
+    and --max_steps."""
+    game, seed = resolve_game(game_name), 10_000 + PROBE_SEED_OFFSET
+    return game, probe_frames(game, n_frames, 1000, seed), seed
 
 
 def baselines(args: argparse.Namespace) -> None:
     """The probe's reference rows for a game without a trained model: random init, majority."""
-    game, labelled, names, masks, seed = _probe_frames(args.game, args.frames)
+    game, (labelled, names, masks), seed = _evaluates_probe_frames(args.game, args.frames)
     encoder = random_init_like(VAE(latent_dim=args.latent_dim,
                                    base_channels=args.base_channels), seed)
     features = {"random_init": encoder_means(encoder, labelled.frames_uint8)}
@@ -134,7 +120,7 @@ def baselines(args: argparse.Namespace) -> None:
 def budget(args: argparse.Namespace) -> None:
     """The probe at evaluate's optimiser budget and with probes trained longer at a higher
     rate, for one model and its random-init encoder, on the same frames and split."""
-    game, labelled, names, masks, seed = _probe_frames(args.game, args.frames)
+    game, (labelled, names, masks), seed = _evaluates_probe_frames(args.game, args.frames)
     model = load_state_file(Path(args.model))
     print(f"model: {args.model}")
     features = {"model": encoder_means(model, labelled.frames_uint8),
