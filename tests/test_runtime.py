@@ -96,7 +96,6 @@ def test_seed_everything_repeats_torch_and_numpy_draws() -> None:
     assert np.array_equal(first[1], second[1])
 
 
-
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_on_cuda_gives_finite_losses_and_weights_that_load_on_cpu(
