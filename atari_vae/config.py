@@ -107,6 +107,13 @@ class TrainConfig(DataConfig):
         "planner reads it; Gaussian log-likelihood of learned scale, in nats like the "
         "locator's; 30 for a planner (costs pixels at short budgets); 0 = off (and no "
         "coordinate head in the model).")
+    fourier_weight: float = flag(
+        1.0,
+        "Weight of the Fourier term: a line from z must give the cos and sin of the row and "
+        "column of the frame's small moving object, wherever exactly one is in view (the "
+        "ball), at periods of 64, 25.4, 10.1 and 4 pixels: a code in which a linear classifier "
+        "tells one pixel from the next; Gaussian log-likelihood of learned scale, in nats; "
+        "0 = off (and no Fourier head in the model).")
     mask_weight: float = flag(
         10.0,
         "Weight of the mask term: a line from z must give, pixel by pixel, whether the frame "
@@ -151,7 +158,7 @@ class TrainConfig(DataConfig):
         _non_negative(self, "epochs")
         _positive(self, "lr", "fg_weight", "object_oversample")
         _non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",
-                      "coord_weight", "mask_weight")
+                      "coord_weight", "fourier_weight", "mask_weight")
         if not 0.0 < self.val_split < 1.0:
             raise ConfigError(f"--val_split must be in (0, 1), got {self.val_split}")
         if self.num_episodes < 2:

@@ -5,6 +5,7 @@ variance (so reconstruction is a sum of squared errors up to constants):
 
     loss = sum_pixels w * (x_hat - x)^2  +  obj_weight * O(x_hat, x)
            -  loc_weight * log p(where | mu)  -  coord_weight * log N(where; C mu + c, s^2 I)
+           -  fourier_weight * log N(waves(where); F mu + f, r^2 I)
            -  mask_weight * sum_pixels log Bernoulli(fg; sigmoid(M mu + m))
            +  kl_weight * sum_j max(free_bits, KL_j)
     KL_j = -0.5 * (1 + logvar_j - mu_j^2 - exp(logvar_j))
@@ -17,8 +18,11 @@ few scales. ``p(where | mu)`` (``locator_error``) is the VAE's locator: a catego
 pixel positions of those small objects, linear in the posterior mean, so the mean must say
 where they are; the coordinate head (``coordinate_error``) asks a line from the mean for the
 (row, col) of the one small object in view (a Gaussian of learned scale s), so it says so in the
-form a planner reads. The mask head (``mask_error``) asks a line from the mean for the
-frame's whole foreground mask ``fg`` (paddle, ball, removed bricks), pixel by pixel.
+form a planner reads; the Fourier head (``fourier_error``) asks a line from the mean for the
+cos and sin of that position at a few periods down to 4 pixels, a code in which a linear
+classifier tells one pixel from the next (which it cannot on a line). The mask head
+(``mask_error``) asks a line from the mean for the frame's whole foreground mask ``fg``
+(paddle, ball, removed bricks), pixel by pixel.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ SMALL_OBJECT_MAX_PIXELS = 4
 # this (a 1x4 shot: 1.25 px^2); two balls a few pixels apart are well above it.
 ONE_OBJECT_SPREAD_PX2 = 2.0
 MIN_COORD_SCALE_PX = 0.25  # the centroid itself is only known to about this
+MIN_FOURIER_SCALE = 0.05  # floor of the learned scale: the pull on a wave (1 / scale^2) <= 400
 
 
 class LossTerms(NamedTuple):
@@ -166,6 +171,20 @@ def object_error(x_hat: torch.Tensor, x: torch.Tensor, background: torch.Tensor,
     return total
 
 
+def one_object_centre(small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N, 2) centroid (row, col) in pixels of the pixels in ``small`` (N, 1, H, W), (N,) bool
+    whether they form one object: some pixels, within ONE_OBJECT_SPREAD_PX2 of the centroid)."""
+    mass = small.sum(dim=(1, 2, 3))
+    rows = torch.arange(small.shape[-2], device=small.device, dtype=small.dtype).view(1, 1, -1, 1)
+    cols = torch.arange(small.shape[-1], device=small.device, dtype=small.dtype).view(1, 1, 1, -1)
+    weight = small / mass.clamp(min=1e-6).view(-1, 1, 1, 1)
+    centre = torch.stack([(weight * rows).sum(dim=(1, 2, 3)),
+                          (weight * cols).sum(dim=(1, 2, 3))], dim=1)
+    spread = (weight * ((rows - centre[:, 0].view(-1, 1, 1, 1)).pow(2)
+                        + (cols - centre[:, 1].view(-1, 1, 1, 1)).pow(2))).sum(dim=(1, 2, 3))
+    return centre, (mass > 0) & (spread <= ONE_OBJECT_SPREAD_PX2)
+
+
 def coordinate_error(points: torch.Tensor, log_px: torch.Tensor,
                      small: torch.Tensor) -> torch.Tensor:
     """(N,) negative log-likelihood (nats, up to a constant) of the centroid of the frames'
@@ -177,17 +196,34 @@ def coordinate_error(points: torch.Tensor, log_px: torch.Tensor,
     pixels (PSNR at the mean frame's after an epoch); with the scale learned, the pull grows as
     the guess gets good, and its range in nats is the locator's.
     """
-    mass = small.sum(dim=(1, 2, 3))
-    rows = torch.arange(small.shape[-2], device=small.device, dtype=small.dtype).view(1, 1, -1, 1)
-    cols = torch.arange(small.shape[-1], device=small.device, dtype=small.dtype).view(1, 1, 1, -1)
-    weight = small / mass.clamp(min=1.0).view(-1, 1, 1, 1)
-    centre = torch.stack([(weight * rows).sum(dim=(1, 2, 3)),
-                          (weight * cols).sum(dim=(1, 2, 3))], dim=1)
-    spread = (weight * ((rows - centre[:, 0].view(-1, 1, 1, 1)).pow(2)
-                        + (cols - centre[:, 1].view(-1, 1, 1, 1)).pow(2))).sum(dim=(1, 2, 3))
-    one = (mass > 0) & (spread <= ONE_OBJECT_SPREAD_PX2)
+    centre, one = one_object_centre(small)
     log_px = log_px.float().clamp(min=math.log(MIN_COORD_SCALE_PX))
     nll = (points.float() - centre).pow(2).sum(dim=1) / (2 * torch.exp(2 * log_px)) + 2 * log_px
+    return torch.where(one, nll, 0.0)
+
+
+def fourier_code(centre: torch.Tensor, periods_px: torch.Tensor) -> torch.Tensor:
+    """(N, 2) (row, col) in pixels -> (N, 4 * P): cos then sin of each axis at each of the
+    P ``periods_px``, laid out (axis, cos/sin, period)."""
+    angle = 2 * math.pi * centre.float().unsqueeze(-1) / periods_px.float()  # (N, 2, P)
+    return torch.stack([angle.cos(), angle.sin()], dim=2).flatten(1)
+
+
+def fourier_error(waves: torch.Tensor, log_scale: torch.Tensor, small: torch.Tensor,
+                  x: torch.Tensor, background: torch.Tensor,
+                  periods_px: torch.Tensor) -> torch.Tensor:
+    """(N,) Gaussian negative log-likelihood (nats above its floor, so >= 0) of the Fourier code
+    of ``x``'s one small object (``small``, as ``coordinate_error``) under ``waves`` (N, 4P) of
+    scale exp(``log_scale``); 0 on frames without exactly one."""
+    _, one = one_object_centre(small)
+    # Each pixel weighted by its distance from the background: how a 64x64 frame keeps the
+    # ball's place between pixels (the area resize blends its edge into the backdrop).
+    intensity = (x.float() - background).abs().amax(dim=1, keepdim=True)
+    centre, _ = one_object_centre(small * intensity)
+    target = fourier_code(centre, periods_px)
+    log_scale = log_scale.float().clamp(min=math.log(MIN_FOURIER_SCALE))
+    nll = ((waves.float() - target).pow(2).sum(dim=1) / (2 * torch.exp(2 * log_scale))
+           + target.shape[1] * (log_scale - math.log(MIN_FOURIER_SCALE)))
     return torch.where(one, nll, 0.0)
 
 
@@ -225,8 +261,8 @@ def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
     """Weighted negative ELBO for a batch; see the module docstring for the formula.
 
     ``extra_recon``: the weighted state terms per image (N,) (obj_weight * object_error +
-    loc_weight * locator_error + coord_weight * coordinate_error + mask_weight * mask_error),
-    or 0 when all are off.
+    loc_weight * locator_error + coord_weight * coordinate_error + fourier_weight *
+    fourier_error + mask_weight * mask_error), or 0 when all are off.
     """
     recon = ((weights * (x_hat.float() - x).pow(2)).sum(dim=(1, 2, 3))
              + extra_recon).mean()

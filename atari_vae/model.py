@@ -14,7 +14,11 @@ STAGES = 4  # stride-2 convolutions: 64x64 -> 4x4
 BROADCAST_CHANNELS = 64
 # What VAE() was built with before a knob existed, for models saved before it: all 32-256 wide.
 LEGACY_ARCHITECTURE = {"decoder": "deconv", "base_channels": 32, "locator": False,
-                       "coords": False, "mask": False}
+                       "coords": False, "fourier": False, "mask": False}
+# Periods in pixels of the Fourier head's waves: the longest spans the frame, the shortest tells
+# neighbouring pixels apart; four per axis read the ball's byte as well as a one-hot of its
+# pixel does (`benchmarks/probe.py codes`).
+FOURIER_PERIODS_PX = (64.0, 25.4, 10.1, 4.0)
 
 
 class BroadcastDecoder(nn.Module):
@@ -48,7 +52,7 @@ class VAE(nn.Module):
 
     def __init__(self, input_shape: tuple[int, int, int] = (3, 64, 64), latent_dim: int = 32,
                  decoder: str = "deconv", locator: bool = False, coords: bool = False,
-                 mask: bool = False, base_channels: int = 16):
+                 mask: bool = False, base_channels: int = 16, fourier: bool = False):
         super().__init__()
         channels, height, width = input_shape
         if height % 16 or width % 16:
@@ -99,6 +103,15 @@ class VAE(nn.Module):
         # log of the head's error scale in pixels, learned: its Gaussian likelihood pulls
         # gently while the guess is far off and harder as the guess gets good
         self.coords_log_px = nn.Parameter(torch.tensor(2.0)) if coords else None
+        # cos and sin of the same object's row and column at FOURIER_PERIODS_PX, a line from the
+        # posterior mean: a code whose every pixel a linear classifier can single out, which
+        # a line to (row, col) is not; its log error scale is learned like the coordinates'.
+        self.fourier = nn.Linear(latent_dim, 4 * len(FOURIER_PERIODS_PX)) if fourier else None
+        # starts at e^-1 = 0.37: about the error of a guess that knows nothing (waves of unit
+        # amplitude have an RMS of 0.71)
+        self.fourier_log_scale = nn.Parameter(torch.tensor(-1.0)) if fourier else None
+        self.register_buffer("fourier_periods_px", torch.tensor(FOURIER_PERIODS_PX),
+                             persistent=False)
         self.register_buffer("half_size_px", torch.tensor(input_shape[1:], dtype=torch.float32) / 2,
                              persistent=False)
         # A per-pixel output bias, independent of the input: set to the training background's
@@ -110,7 +123,7 @@ class VAE(nn.Module):
         return {"input_shape": list(self.input_shape), "latent_dim": self.latent_dim,
                 "decoder": self.decoder_kind, "base_channels": self.base_channels,
                 "locator": self.locator is not None, "coords": self.coords is not None,
-                "mask": self.mask is not None}
+                "fourier": self.fourier is not None, "mask": self.mask is not None}
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, 64, 64) in [0, 1] -> posterior mean and log-variance, each (N, latent_dim)."""
@@ -145,6 +158,13 @@ class VAE(nn.Module):
         # that had to reach 0..63 itself would grow z instead (KL 767 nats after one epoch).
         half = self.half_size_px
         return half - 0.5 + half * self.coords(z).float()  # float32: bf16 steps 0.25 px at 63
+
+    def waves(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, latent_dim) -> (N, 4 * len(FOURIER_PERIODS_PX)) float32: the Fourier head's cos
+        and sin of the small object's (row, col), as ``losses.fourier_code`` orders them."""
+        if self.fourier is None:
+            raise ValueError("this VAE was built without a Fourier head (fourier=True adds one)")
+        return self.fourier(z).float()
 
     @torch.no_grad()
     def init_output_bias(self, background: torch.Tensor) -> None:
@@ -209,5 +229,5 @@ def vae_for(state_dict: dict[str, torch.Tensor],
     """A freshly built VAE of the shape ``state_dict`` was trained with (weights not loaded)."""
     return VAE(input_shape, latent_dim_of(state_dict), decoder_of(state_dict),
                locator="locator.weight" in state_dict, coords="coords.weight" in state_dict,
-               mask="mask.weight" in state_dict,
+               mask="mask.weight" in state_dict, fourier="fourier.weight" in state_dict,
                base_channels=int(state_dict["encoder.0.weight"].shape[0]))

@@ -36,6 +36,7 @@ from atari_vae.losses import (
     coordinate_error,
     foreground_mask,
     foreground_rate,
+    fourier_error,
     locator_error,
     mask_error,
     object_error,
@@ -200,14 +201,14 @@ def _batches(val: ValFrames, refs: GameReferences, batch_size: int):
 def _build(cfg: TrainConfig) -> VAE:
     return VAE(FRAME_SHAPE, cfg.latent_dim, cfg.decoder, locator=cfg.loc_weight > 0,
                coords=cfg.coord_weight > 0, mask=cfg.mask_weight > 0,
-               base_channels=cfg.base_channels)
+               base_channels=cfg.base_channels, fourier=cfg.fourier_weight > 0)
 
 
 def _loss_terms(model, x, mean_frame, background, cfg,
                 dtype) -> tuple[LossTerms, torch.Tensor]:
     """(the training objective (``losses`` docstring) for frames of these references, x_hat);
-    z is sampled in training mode and the posterior mean in eval mode. The locator, the
-    coordinate head and the mask head read the posterior mean, which is what a planner and the
+    z is sampled in training mode and the posterior mean in eval mode. The locator and the
+    coordinate, Fourier and mask heads read the posterior mean, which is what a planner and the
     state probe read."""
     with autocast(x.device, dtype):
         mu, logvar = model.encode(x)
@@ -215,20 +216,25 @@ def _loss_terms(model, x, mean_frame, background, cfg,
         x_hat = model.decode(z)
         where_logits = model.locate(mu) if cfg.loc_weight else None
         points = model.point(mu) if cfg.coord_weight else None
+        waves = model.waves(mu) if cfg.fourier_weight else None
         mask_logits = model.foreground_logits(mu) if cfg.mask_weight else None
     fg = foreground_mask(x, background)  # one pass for every term that needs it
     weights = pixel_weights(x, background, cfg.fg_weight, x_hat, fg)
     extra = 0.0
-    if cfg.obj_weight or cfg.loc_weight or cfg.coord_weight:
+    finds_ball = cfg.loc_weight or cfg.coord_weight or cfg.fourier_weight
+    if cfg.obj_weight or finds_ball:
         region = usually_empty(mean_frame, background)
     if cfg.obj_weight:
         extra = extra + cfg.obj_weight * object_error(x_hat, x, background, region)
-    if cfg.loc_weight or cfg.coord_weight:
+    if finds_ball:
         small, _ = small_objects(x, background, region, fg)  # the ball's pixels, found once
     if cfg.loc_weight:
         extra = extra + cfg.loc_weight * locator_error(where_logits, small)
     if cfg.coord_weight:
         extra = extra + cfg.coord_weight * coordinate_error(points, model.coords_log_px, small)
+    if cfg.fourier_weight:
+        extra = extra + cfg.fourier_weight * fourier_error(
+            waves, model.fourier_log_scale, small, x, background, model.fourier_periods_px)
     if cfg.mask_weight:
         extra = extra + cfg.mask_weight * mask_error(mask_logits, x, background, fg)
     return vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits, extra), x_hat

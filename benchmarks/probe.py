@@ -4,6 +4,7 @@
     python benchmarks/probe.py baselines --game Pong --frames 20000
     python benchmarks/probe.py baselines --game Breakout --pixels
     python benchmarks/probe.py budget --game Breakout --model outputs/run/best_model.pt
+    python benchmarks/probe.py codes --game Breakout
     python benchmarks/probe.py table outputs/probe/*/eval
 
 ``survival``: labelled fresh frames (evaluate's probe seed), scored for how often the ball (or
@@ -17,6 +18,10 @@ line can read from the frames a model sees, before any encoder.
 frames and split, once with the protocol's optimiser budget and once trained longer at a
 higher rate: how much of an F1 is the code and how much the probe's budget (a byte on a
 smooth line in z needs large weights).
+``codes``: the ball's probe on codes made from the pixels' own ball (the small object's
+intensity-weighted centroid, when exactly one is in view) in three forms a code could take: a
+line (row, col), one-hot pixels, Fourier features. What a code of the visible ball can score,
+and which form a linear byte classifier reads.
 ``table``: one markdown row per evaluate output folder with a ``state_probe.json``.
 """
 
@@ -52,18 +57,22 @@ BALLS = {"breakout": ("ball_x", "ball_y"), "pong": ("ball_x", "ball_y"),
 
 
 def _small_object_centroids(frames_uint8: torch.Tensor, mean_frame: torch.Tensor,
-                            background: torch.Tensor) -> list[list[tuple[float, float]]]:
-    """Per frame: the (row, col) centroids of its small moving objects (the object metric's)."""
+                            background: torch.Tensor,
+                            by_intensity: bool = False) -> list[list[tuple[float, float]]]:
+    """Per frame: the (row, col) centroids of its small moving objects (the object metric's);
+    ``by_intensity`` weighs each pixel by its distance from the background (the Fourier
+    head's centroid), else every pixel alike."""
     from scipy import ndimage
 
     out = []
     for start in range(0, len(frames_uint8), 512):
-        labels, is_object = small_object_labels(to_float(frames_uint8[start:start + 512]),
-                                                background, mean_frame)
-        for frame_labels in labels:
+        target = to_float(frames_uint8[start:start + 512])
+        labels, is_object = small_object_labels(target, background, mean_frame)
+        weights = ((target - background).abs().amax(1).numpy() if by_intensity
+                   else labels > 0)
+        for frame_labels, weight in zip(labels, weights, strict=True):
             present = [k for k in np.unique(frame_labels) if is_object[k]]
-            out.append(ndimage.center_of_mass(frame_labels > 0, frame_labels, present)
-                       if present else [])
+            out.append(ndimage.center_of_mass(weight, frame_labels, present) if present else [])
     return out
 
 
@@ -134,6 +143,50 @@ def budget(args: argparse.Namespace) -> None:
         print(format_probe_table({game.title: report}))
 
 
+def _ball_centroids(frames_uint8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """((N, 2) intensity-weighted (row, col) of the one small object, (N,) whether exactly one
+    is in view); rows without one are 0."""
+    centroids = _small_object_centroids(frames_uint8, *reference_frames(frames_uint8),
+                                        by_intensity=True)
+    in_view = np.array([len(c) == 1 for c in centroids])
+    position = np.array([c[0] if len(c) == 1 else (0.0, 0.0) for c in centroids])
+    return position, in_view
+
+
+def ball_codes(position: np.ndarray, in_view: np.ndarray,
+               frequencies: tuple[int, ...] = (4, 16)) -> dict[str, torch.Tensor]:
+    """Codes of the visible ball's (row, col) in 64x64 pixels: a line, one-hot pixels, and for
+    each F in ``frequencies`` cos/sin at F periods from 64 down to 4 px; each with an in-view
+    flag (every code is 0 where no ball is in view)."""
+    onehot = np.zeros((len(position), 128))
+    cells = np.clip(np.rint(position), 0, 63).astype(int)
+    onehot[np.arange(len(position)), cells[:, 0]] = 1
+    onehot[np.arange(len(position)), 64 + cells[:, 1]] = 1
+    codes = {"line": position, "onehot": onehot}
+    for count in frequencies:
+        angle = 2 * np.pi * position[:, :, None] / np.geomspace(64, 4, count)  # (N, 2, F)
+        codes[f"fourier{count}"] = np.concatenate([np.cos(angle), np.sin(angle)],
+                                                  axis=2).reshape(len(position), -1)
+    flag = in_view[:, None].astype(np.float64)
+    return {name: torch.from_numpy(np.concatenate([flag, code * flag], axis=1)).float()
+            for name, code in codes.items()}
+
+
+def codes(args: argparse.Namespace) -> None:
+    """The ball's probe F1 on codes of the pixels' own ball, beside the pixels themselves."""
+    game, (labelled, names, masks), seed = _evaluates_probe_frames(args.game, args.frames)
+    balls = {name: names[name] for name in BALLS[game.rom_id]}
+    position, in_view = _ball_centroids(labelled.frames_uint8)
+    print(f"{game.title}: one small object in view in {in_view.mean():.3f} of "
+          f"{len(in_view)} frames")
+    features = ball_codes(position, in_view, tuple(args.frequencies))
+    if args.pixels:
+        features["pixels"] = labelled.frames_uint8.reshape(len(labelled.frames_uint8), -1)
+    report = probe_sources(features, labelled.labels(balls), list(balls), masks,
+                           ProbeSettings(seed=seed), in_view)
+    print(format_probe_table({game.title: report}))
+
+
 def table(args: argparse.Namespace) -> None:
     print("| run | game | score model | random init | majority | ball_x F1 | ball_y F1 | "
           "player F1 | ball_x R2 | ball_y R2 | object recall (base) | fg acc | PSNR (base) |")
@@ -179,6 +232,13 @@ def main() -> None:
     p.add_argument("--max_epochs", type=int, default=400)
     p.add_argument("--patience", type=int, default=50)
     p.set_defaults(run=budget)
+    p = sub.add_parser("codes", help="the ball's probe on codes of the pixels' own ball")
+    p.add_argument("--game", default="Breakout")
+    p.add_argument("--frames", type=int, default=20_000)
+    p.add_argument("--pixels", action="store_true", help="also probe the raw 64x64 RGB pixels")
+    p.add_argument("--frequencies", type=int, nargs="+", default=[4, 16],
+                   help="numbers of Fourier periods per axis, one code each")
+    p.set_defaults(run=codes)
     p = sub.add_parser("table", help="markdown table of evaluate folders")
     p.add_argument("folders", nargs="+")
     p.set_defaults(run=table)

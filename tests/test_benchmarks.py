@@ -169,3 +169,20 @@ def test_probe_budget_scores_one_model_on_one_split_at_evaluates_budget_and_a_lo
               if line.startswith("game score")]
     assert len(scores) == 2 and all(len(s) == 3 and 0.0 <= min(s) <= max(s) <= 1.0
                                     for s in scores)  # majority, model, random init
+
+
+def test_probe_codes_reads_the_ball_s_byte_from_a_wave_code_not_from_a_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "probe.py"), "codes", "--game", "Breakout",
+         "--frames", "1500", "--frequencies", "4"], capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO),
+                           "ATARI_VAE_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("variable"))
+    assert header.split()[3:10:2] == ["majority", "line", "onehot", "fourier4"]
+    for name in ("ball_x", "ball_y"):
+        majority, line, onehot, fourier = (
+            float(v) for v in next(row for row in lines if row.startswith(name)).split()[2:6])
+        # a byte classifier splits a wave code (or one-hot pixels) far better than a line
+        assert fourier > line + 0.2 and onehot > line + 0.2 and fourier > majority

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from atari_vae.losses import (
+    MIN_FOURIER_SCALE,
     OBJECT_SCALES_PX,
     coordinate_error,
     foreground_mask,
     foreground_rate,
+    fourier_code,
+    fourier_error,
     kl_per_dim,
     locator_error,
     mask_error,
@@ -226,6 +229,47 @@ def test_coordinate_error_asks_nothing_without_a_ball_or_with_two():
     small = small_objects(frames, background, region)[0]
     guess = torch.full((2, 2), 20.0)
     assert coordinate_error(guess, torch.tensor(0.0), small).tolist() == [0.0, 0.0]
+
+
+def test_fourier_code_gives_cos_then_sin_of_each_axis_at_each_period():
+    periods = torch.tensor([64.0, 4.0])
+    code = fourier_code(torch.tensor([[16.0, 1.0]]), periods)
+    # (row cos at 64, 4; row sin at 64, 4; col cos ...; col sin ...)
+    expected = [0.0, 1.0, 1.0, 0.0,
+                math.cos(2 * math.pi / 64), 0.0, math.sin(2 * math.pi / 64), 1.0]
+    assert code[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_fourier_error_reads_the_ball_between_pixels_from_its_intensity():
+    background = torch.zeros(1, 3, 64, 64)
+    region = usually_empty(background, background)
+    ball = _one_dot(30, 40, 1.0)
+    ball[..., 30, 41] = 0.5  # a bright and a faint pixel: the ball sits a third of the way over
+    small = small_objects(ball, background, region)[0]
+    periods = torch.tensor([64.0, 25.4, 10.1, 4.0])
+    at = fourier_code(torch.tensor([[30.0, 40.0 + 1 / 3]]), periods)
+    log_scale = torch.tensor(math.log(0.5))
+    right = fourier_error(at, log_scale, small, ball, background, periods)
+    # no error term left: only the scale's 16 log(0.5 / floor) nats
+    assert right.item() == pytest.approx(16 * math.log(0.5 / MIN_FOURIER_SCALE), abs=1e-4)
+    # the binary mask's centre (40.5) is a sixth of a pixel off: it costs, most at 4 px
+    half_way = fourier_error(fourier_code(torch.tensor([[30.0, 40.5]]), periods), log_scale,
+                             small, ball, background, periods)
+    assert half_way.item() > right.item() + 0.1
+    at_floor = fourier_error(at, torch.tensor(math.log(MIN_FOURIER_SCALE)), small, ball,
+                             background, periods)
+    assert at_floor.item() == pytest.approx(0.0, abs=1e-4)  # never below 0
+
+
+def test_fourier_error_asks_nothing_without_a_ball_or_with_two():
+    background = torch.zeros(1, 3, 64, 64)
+    region = usually_empty(background, background)
+    frames = torch.cat([background, _one_dot(10, 10) + _one_dot(50, 50)])
+    small = small_objects(frames, background, region)[0]
+    periods = torch.tensor([64.0, 4.0])
+    waves = torch.ones(2, 8)
+    assert fourier_error(waves, torch.tensor(0.0), small, frames, background,
+                         periods).tolist() == [0, 0]
 
 
 def test_mask_error_is_the_summed_binary_cross_entropy_of_the_frame_s_foreground():

@@ -107,6 +107,19 @@ def test_the_coordinate_head_is_a_line_from_z_to_a_pixel_position_and_is_read_ba
         VAE(latent_dim=8).point(z)
 
 
+def test_the_fourier_head_is_a_line_from_z_to_four_waves_per_axis_and_is_read_back():
+    vae = VAE(latent_dim=8, fourier=True)
+    z = torch.randn(5, 8)
+    assert vae.waves(z).shape == (5, 16) and vae.waves(z).dtype == torch.float32
+    assert vae.architecture()["fourier"] is True
+    rebuilt = vae_for(vae.state_dict())
+    rebuilt.load_state_dict(vae.state_dict())
+    torch.testing.assert_close(rebuilt.waves(z), vae.waves(z))
+    assert vae_for(VAE(latent_dim=8).state_dict()).fourier is None
+    with pytest.raises(ValueError, match="without a Fourier head"):
+        VAE(latent_dim=8).waves(z)
+
+
 def test_the_mask_head_is_a_line_from_z_to_per_pixel_foreground_logits_starting_at_the_rate():
     vae = VAE(latent_dim=8, mask=True)
     rate = torch.full((1, 1, 64, 64), 0.001)

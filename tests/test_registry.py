@@ -61,7 +61,7 @@ def test_registered_model_serves_latent_means_through_pyfunc() -> None:
 def test_a_broadcast_decoder_every_head_and_the_width_round_trip_the_registry() -> None:
     torch.manual_seed(0)
     model = VAE(FRAME_SHAPE, latent_dim=8, decoder="broadcast", locator=True,
-                coords=True, mask=True, base_channels=8).eval()
+                coords=True, mask=True, base_channels=8, fourier=True).eval()
     tracking.configure("atari-vae")
     with tracking.tracked_run("broadcast"):
         info = registry.log_vae_model(model, {"game": "Breakout"})
@@ -69,10 +69,11 @@ def test_a_broadcast_decoder_every_head_and_the_width_round_trip_the_registry() 
     loaded = registry.load_registered("bcast", version=1)
     assert loaded.decoder_kind == "broadcast" and loaded.locator is not None
     assert loaded.coords is not None and loaded.mask is not None
-    assert loaded.base_channels == 8
+    assert loaded.fourier is not None and loaded.base_channels == 8
     z = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded.decode(z), model.decode(z))
+        torch.testing.assert_close(loaded.waves(z), model.waves(z))
         torch.testing.assert_close(loaded.locate(z), model.locate(z))
         torch.testing.assert_close(loaded.point(z), model.point(z))
         torch.testing.assert_close(loaded.foreground_logits(z), model.foreground_logits(z))

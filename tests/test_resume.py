@@ -314,18 +314,21 @@ def test_a_checkpoint_older_than_object_oversample_drew_every_frame_once_a_pass(
 
 
 def test_a_checkpoint_older_than_a_loss_term_s_flag_trained_without_that_term():
-    # --loc_weight's default is 30 and --mask_weight's 10 today; a checkpoint from before the
-    # flags trained without them
+    # --loc_weight's default is 30, --fourier_weight's 1 and --mask_weight's 10 today; a
+    # checkpoint from before the flags trained without them
     saved = {k: v for k, v in asdict(TrainConfig()).items()
-             if k not in ("loc_weight", "coord_weight", "mask_weight")}
+             if k not in ("loc_weight", "coord_weight", "fourier_weight", "mask_weight")}
     ckpt = {"run_token": "t", "config": saved}
     assert resume_mismatch(ckpt, TrainConfig(), "t") == (
         "it was trained with --loc_weight 0.0, not 30.0; resume with the run's original flags")
-    assert resume_mismatch(ckpt, TrainConfig(loc_weight=0.0, mask_weight=0.0), "t") is None
+    before = dict(loc_weight=0.0, fourier_weight=0.0, mask_weight=0.0)
+    assert resume_mismatch(ckpt, TrainConfig(**before), "t") is None
     assert "--coord_weight 0.0, not 30.0" in resume_mismatch(
         ckpt, TrainConfig(loc_weight=0.0, coord_weight=30.0), "t")
+    assert "--fourier_weight 0.0, not 1.0" in resume_mismatch(
+        ckpt, TrainConfig(loc_weight=0.0, mask_weight=0.0), "t")
     assert "--mask_weight 0.0, not 10.0" in resume_mismatch(
-        ckpt, TrainConfig(loc_weight=0.0, mask_weight=10.0), "t")
+        ckpt, TrainConfig(loc_weight=0.0, fourier_weight=0.0, mask_weight=10.0), "t")
 
 
 def test_a_larger_epochs_extends_the_run_at_the_final_rate_of_its_schedule(tmp_path):

@@ -246,17 +246,20 @@ def test_a_multi_game_run_weighs_and_scores_each_frame_against_its_own_games_ref
 def test_the_ball_terms_train_a_broadcast_model_with_its_heads_that_loads_back(tmp_path):
     cfg = TrainConfig(**tiny_train_flags(tmp_path / "out", checkpoint_freq=1000,
                                          decoder="broadcast", obj_weight=3.0, loc_weight=1.0,
-                                         coord_weight=1.0, mask_weight=1.0))
+                                         coord_weight=1.0, fourier_weight=1.0,
+                                         mask_weight=1.0))
     frames = load_games(parse_games(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed)
     result = fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
     assert all(math.isfinite(epoch["train_loss"]) for epoch in result.history)
     model = registry.load_state_file(tmp_path / "out" / "best_model.pt")
     assert model.decoder_kind == "broadcast" and model.locator is not None
-    assert model.coords is not None and model.mask is not None
+    assert model.coords is not None and model.mask is not None and model.fourier is not None
     # The terms count in the reconstruction term, on the same frames and references.
     plain = TrainConfig(**{**asdict(cfg), "loc_weight": 0.0, "obj_weight": 0.0,
-                           "coord_weight": 0.0, "mask_weight": 0.0})
+                           "coord_weight": 0.0, "fourier_weight": 0.0, "mask_weight": 0.0})
     assert _val_recon(model, frames, cfg) > _val_recon(model, frames, plain) > 0
+    no_waves = TrainConfig(**{**asdict(cfg), "fourier_weight": 0.0})
+    assert _val_recon(model, frames, cfg) > _val_recon(model, frames, no_waves)
 
 
 def test_object_oversample_weighs_the_frames_that_show_the_ball(tmp_path):
