@@ -38,6 +38,7 @@ import torch
 from atari_vae.config import TrainConfig
 from atari_vae.envs import Game, resolve_game, to_float
 from atari_vae.evaluate import PROBE_SEED_OFFSET
+from atari_vae.losses import fourier_code
 from atari_vae.metrics import SMALL_OBJECT_MAX_PIXELS, reference_frames, small_object_labels
 from atari_vae.model import VAE, random_init_like
 from atari_vae.probe import (
@@ -163,10 +164,9 @@ def ball_codes(position: np.ndarray, in_view: np.ndarray,
     onehot[np.arange(len(position)), cells[:, 0]] = 1
     onehot[np.arange(len(position)), 64 + cells[:, 1]] = 1
     codes = {"line": position, "onehot": onehot}
-    for count in frequencies:
-        angle = 2 * np.pi * position[:, :, None] / np.geomspace(64, 4, count)  # (N, 2, F)
-        codes[f"fourier{count}"] = np.concatenate([np.cos(angle), np.sin(angle)],
-                                                  axis=2).reshape(len(position), -1)
+    for count in frequencies:  # the Fourier head's own code, at ``count`` periods
+        periods = torch.from_numpy(np.geomspace(64, 4, count))
+        codes[f"fourier{count}"] = fourier_code(torch.from_numpy(position), periods).numpy()
     flag = in_view[:, None].astype(np.float64)
     return {name: torch.from_numpy(np.concatenate([flag, code * flag], axis=1)).float()
             for name, code in codes.items()}
