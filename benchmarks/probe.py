@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atari_vae.config import TrainConfig
+from atari_vae.config import EvaluateConfig, TrainConfig
 from atari_vae.envs import Game, resolve_game, to_float
 from atari_vae.evaluate import PROBE_SEED_OFFSET
 from atari_vae.losses import fourier_code
@@ -85,9 +85,16 @@ def _in_sample_r2(features: list[np.ndarray], ram: np.ndarray) -> float:
     return float(linear_r2(x, y, x, y)[0])
 
 
+def _evaluates_probe_episodes() -> tuple[int, int]:
+    """(max_steps, seed) of the probe's labelled episodes at ``atari-vae evaluate``'s defaults."""
+    defaults = EvaluateConfig()
+    return defaults.max_steps, defaults.seed + PROBE_SEED_OFFSET
+
+
 def survival(args: argparse.Namespace) -> None:
     game = resolve_game(args.game)
-    labelled = load_or_collect_labelled(game, args.frames, 1000, 10_000 + PROBE_SEED_OFFSET)
+    max_steps, seed = _evaluates_probe_episodes()
+    labelled = load_or_collect_labelled(game, args.frames, max_steps, seed)
     centroids = _small_object_centroids(labelled.frames_uint8,
                                         *reference_frames(labelled.frames_uint8))
     counts = np.array([len(c) for c in centroids])
@@ -110,8 +117,8 @@ def survival(args: argparse.Namespace) -> None:
 def _evaluates_probe_frames(game_name: str, n_frames: int) -> tuple[Game, ProbeFrames, int]:
     """(game, frames and split, seed) that ``atari-vae evaluate`` probes at its default --seed
     and --max_steps."""
-    game, seed = resolve_game(game_name), 10_000 + PROBE_SEED_OFFSET
-    return game, probe_frames(game, n_frames, 1000, seed), seed
+    game, (max_steps, seed) = resolve_game(game_name), _evaluates_probe_episodes()
+    return game, probe_frames(game, n_frames, max_steps, seed), seed
 
 
 def baselines(args: argparse.Namespace) -> None:
@@ -214,11 +221,11 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("survival", help="does the ball survive the 64x64 resize?")
     p.add_argument("--game", default="Breakout")
-    p.add_argument("--frames", type=int, default=20_000)
+    p.add_argument("--frames", type=int, default=EvaluateConfig().probe_frames)
     p.set_defaults(run=survival)
     p = sub.add_parser("baselines", help="random-init encoder and majority class only")
     p.add_argument("--game", default="Pong")
-    p.add_argument("--frames", type=int, default=20_000)
+    p.add_argument("--frames", type=int, default=EvaluateConfig().probe_frames)
     p.add_argument("--latent_dim", type=int, default=32)
     p.add_argument("--base_channels", type=int, default=TrainConfig().base_channels,
                    help="the random-init encoder's width (32: the net before 2026-11-30)")
@@ -227,14 +234,14 @@ def main() -> None:
     p = sub.add_parser("budget", help="a model's probe at the protocol's budget and a longer one")
     p.add_argument("--game", default="Breakout")
     p.add_argument("--model", required=True, help="a best_model.pt or checkpoint")
-    p.add_argument("--frames", type=int, default=20_000)
+    p.add_argument("--frames", type=int, default=EvaluateConfig().probe_frames)
     p.add_argument("--lr", type=float, default=2e-2)
     p.add_argument("--max_epochs", type=int, default=400)
     p.add_argument("--patience", type=int, default=50)
     p.set_defaults(run=budget)
     p = sub.add_parser("codes", help="the ball's probe on codes of the pixels' own ball")
     p.add_argument("--game", default="Breakout")
-    p.add_argument("--frames", type=int, default=20_000)
+    p.add_argument("--frames", type=int, default=EvaluateConfig().probe_frames)
     p.add_argument("--pixels", action="store_true", help="also probe the raw 64x64 RGB pixels")
     p.add_argument("--frequencies", type=int, nargs="+", default=[4, 16],
                    help="numbers of Fourier periods per axis, one code each")
