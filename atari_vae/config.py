@@ -7,16 +7,14 @@ options and ``mlproject.py`` turns them into MLproject parameters, so the three 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from atari_vae import flag_checks as check
 from atari_vae.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DECODERS = ("deconv", "broadcast")
-MAX_EXPERIMENT_NAME_LENGTH = 500  # MLflow's limit (mlflow.utils.validation)
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 CUDA_GRAPH_CHOICES = ("auto", "off")
 # The quality floor (README "The champion"): a version becomes champion only if, on the
@@ -29,7 +27,6 @@ FLOOR_FG_ACCURACY_MARGIN = 0.15
 # Seed of the episodes a champion is chosen on: apart from evaluate's default (10000) and its
 # reference episodes (+100000), so the figure `evaluate` reports is not the one selected on.
 SELECTION_SEED = 20_000
-MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 
 
 def flag(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -153,11 +150,11 @@ class TrainConfig(DataConfig):
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
         _validate_common(self)
-        _positive(self, "latent_dim", "base_channels", "batch_size", "train_steps",
+        check.positive(self, "latent_dim", "base_channels", "batch_size", "train_steps",
                   "checkpoint_freq")
-        _non_negative(self, "epochs")
-        _positive(self, "lr", "fg_weight", "object_oversample")
-        _non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",
+        check.non_negative(self, "epochs")
+        check.positive(self, "lr", "fg_weight", "object_oversample")
+        check.non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",
                       "coord_weight", "fourier_weight", "mask_weight")
         if not 0.0 < self.val_split < 1.0:
             raise ConfigError(f"--val_split must be in (0, 1), got {self.val_split}")
@@ -165,24 +162,10 @@ class TrainConfig(DataConfig):
             raise ConfigError(
                 f"--num_episodes must be at least 2 (train and validation are split by "
                 f"episode), got {self.num_episodes}")
-        _choice(self, "precision", PRECISION_CHOICES)
-        _choice(self, "cuda_graph", CUDA_GRAPH_CHOICES)
-        _choice(self, "decoder", DECODERS)
-        _collect_policy(self)
-
-
-def _collect_policy(cfg: Any) -> None:
-    if not 0.0 <= cfg.policy_mix <= 1.0:
-        raise ConfigError(f"--policy_mix must be in [0, 1], got {cfg.policy_mix}")
-    policy = cfg.collect_policy
-    if policy == "random":
-        return
-    if not re.fullmatch(rf"models:/{MODEL_NAME_PATTERN}(@[A-Za-z0-9_-]+|/[0-9]+)", policy):
-        raise ConfigError(f"--collect_policy must be random, models:/<name>@<alias> or "
-                          f"models:/<name>/<version>, got {policy!r}")
-    if "," in cfg.env_name:
-        raise ConfigError("--collect_policy with a controller takes one game (a controller "
-                          "plays the game it was trained on)")
+        check.one_of(self, "precision", PRECISION_CHOICES)
+        check.one_of(self, "cuda_graph", CUDA_GRAPH_CHOICES)
+        check.one_of(self, "decoder", DECODERS)
+        check.collect_policy(self)
 
 
 @dataclass
@@ -214,11 +197,11 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
-        _positive(self, "num_samples", "max_steps")
-        _non_negative(self, "probe_frames")
-        _choice(self, "device", DEVICE_CHOICES, prefix=True)
-        _experiment_name(self)
-        _collect_policy(self)
+        check.positive(self, "num_samples", "max_steps")
+        check.non_negative(self, "probe_frames")
+        check.one_of(self, "device", DEVICE_CHOICES, prefix=True)
+        check.experiment_name(self)
+        check.collect_policy(self)
 
 
 @dataclass
@@ -256,11 +239,11 @@ class TuneConfig(TrainConfig):
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
         super().validate()
-        _positive(self, "epochs")  # the pruner's warm-up and the trials' length need a number
-        _non_negative(self, "n_trials", "timeout")
+        check.positive(self, "epochs")  # the pruner's warm-up and the trials' length need a number
+        check.non_negative(self, "n_trials", "timeout")
         if self.n_trials == 0 and self.timeout == 0:
             raise ConfigError("--n_trials must be at least 1 (or give --timeout), got 0")
-        _positive(self, "kl_budget", "kl_weight_min", "kl_weight_max", "latent_dim_min")
+        check.positive(self, "kl_budget", "kl_weight_min", "kl_weight_max", "latent_dim_min")
         if self.kl_weight_min > self.kl_weight_max:
             raise ConfigError("--kl_weight_min must not exceed --kl_weight_max")
         if self.latent_dim_min > self.latent_dim_max:
@@ -269,8 +252,8 @@ class TuneConfig(TrainConfig):
             raise ConfigError(
                 f"no power of two lies in --latent_dim_min {self.latent_dim_min} .. "
                 f"--latent_dim_max {self.latent_dim_max}; widen the range (e.g. 8 .. 128)")
-        _positive(self, "eval_samples", "heartbeat_interval")
-        check_model_name(self.model_name)
+        check.positive(self, "eval_samples", "heartbeat_interval")
+        check.model_name(self.model_name)
 
 
 @dataclass
@@ -289,15 +272,8 @@ class RegisterConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
-        _positive(self, "eval_samples")
-        check_model_name(self.model_name)
-
-
-def check_model_name(name: str) -> None:
-    """A ConfigError unless ``name`` is empty (the default) or a registry name we allow."""
-    if name and not re.fullmatch(MODEL_NAME_PATTERN, name):
-        raise ConfigError(f"--model_name {name!r} is not allowed: use 1-100 letters, digits, "
-                          f"'.', '_' or '-', starting with a letter or digit")
+        check.positive(self, "eval_samples")
+        check.model_name(self.model_name)
 
 
 @dataclass
@@ -317,10 +293,10 @@ class ServeConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
-        _positive(self, "port", "max_frames", "max_request_mb")
+        check.positive(self, "port", "max_frames", "max_request_mb")
         if self.port > 65535:
             raise ConfigError(f"--port must be at most 65535, got {self.port}")
-        _choice(self, "device", DEVICE_CHOICES, prefix=True)
+        check.one_of(self, "device", DEVICE_CHOICES, prefix=True)
 
 
 CONTROL_CHOICES = ("random_encoder", "none")
@@ -371,9 +347,9 @@ class PlanConfig:
         """Raise ConfigError naming the first bad value and what is allowed."""
         if "," in self.env_name:
             raise ConfigError(f"--env_name takes one game for plan, got {self.env_name!r}")
-        _positive(self, "generations", "popsize", "sigma0", "episodes_per_candidate",
+        check.positive(self, "generations", "popsize", "sigma0", "episodes_per_candidate",
                   "max_steps", "test_episodes", "threads")
-        _non_negative(self, "time_budget_minutes", "seed")
+        check.non_negative(self, "time_budget_minutes", "seed")
         if self.test_episodes >= TEST_SEED_OFFSET:
             raise ConfigError(f"--test_episodes must stay below {TEST_SEED_OFFSET}")
         if self.popsize < 2:
@@ -381,13 +357,13 @@ class PlanConfig:
         if self.generations * self.episodes_per_candidate >= TEST_SEED_OFFSET:
             raise ConfigError("--generations x --episodes_per_candidate must stay below "
                               f"{TEST_SEED_OFFSET} (training seeds would reach test seeds)")
-        _choice(self, "features", FEATURE_CHOICES)
-        _choice(self, "control", CONTROL_CHOICES)
-        _choice(self, "device", DEVICE_CHOICES, prefix=True)
-        check_model_name(self.model_name)
+        check.one_of(self, "features", FEATURE_CHOICES)
+        check.one_of(self, "control", CONTROL_CHOICES)
+        check.one_of(self, "device", DEVICE_CHOICES, prefix=True)
+        check.model_name(self.model_name)
         if not self.alias.strip():
             raise ConfigError("--alias must not be empty (e.g. champion)")
-        _experiment_name(self)
+        check.experiment_name(self)
 
 
 def power_of_two_dims(low: int, high: int) -> list[int]:
@@ -402,45 +378,6 @@ def fields_of(config_cls: type) -> list[dataclasses.Field]:
 
 
 def _validate_common(cfg: Any) -> None:
-    _positive(cfg, "num_episodes", "max_steps")
-    _choice(cfg, "device", DEVICE_CHOICES, prefix=True)
-    _experiment_name(cfg)
-
-
-def _experiment_name(cfg: Any) -> None:
-    # An empty name would log into MLflow's "Default" experiment without a word.
-    name = cfg.experiment_name
-    if not name.strip():
-        raise ConfigError(f"--experiment_name must not be empty, got {name!r}")
-    if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
-        raise ConfigError(f"--experiment_name may have at most {MAX_EXPERIMENT_NAME_LENGTH} "
-                          f"characters, got {len(name)}")
-
-
-def _positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = _finite(cfg, name)
-        if not value > 0:
-            raise ConfigError(f"--{name} must be positive, got {value}")
-
-
-def _non_negative(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = _finite(cfg, name)
-        if not value >= 0:
-            raise ConfigError(f"--{name} must be zero or positive, got {value}")
-
-
-def _finite(cfg: Any, name: str) -> Any:
-    """The flag's value; inf and nan are refused (click's FLOAT parses both)."""
-    value = getattr(cfg, name)
-    if not math.isfinite(value):
-        raise ConfigError(f"--{name} must be a finite number, got {value}")
-    return value
-
-
-def _choice(cfg: Any, name: str, allowed: tuple[str, ...], prefix: bool = False) -> None:
-    value = getattr(cfg, name)
-    base = value.split(":")[0] if prefix else value
-    if base not in allowed:
-        raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+    check.positive(cfg, "num_episodes", "max_steps")
+    check.one_of(cfg, "device", DEVICE_CHOICES, prefix=True)
+    check.experiment_name(cfg)

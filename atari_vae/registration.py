@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from atari_vae import promotion, registry, tracking
-from atari_vae.config import RegisterConfig, check_model_name
+from atari_vae import flag_checks, promotion, registry, tracking
+from atari_vae.config import RegisterConfig
 from atari_vae.envs import Game, parse_games
 from atari_vae.jobs import RUN_ID_FILE
 
@@ -35,7 +35,7 @@ def register_version(model_uri: str, name: str, run_id: str, tags: dict[str, Any
     (several workers of one study may register the same best trial); marked pending."""
     import mlflow
 
-    check_model_name(name)  # also keeps the quote out of the search filter below
+    flag_checks.model_name(name)  # also keeps the quote out of the search filter below
     client = mlflow.MlflowClient()
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if existing:

@@ -11,7 +11,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from atari_vae import cli, config
+from atari_vae import cli
 from atari_vae.config import EvaluateConfig, PlanConfig, TrainConfig, TuneConfig, fields_of
 from atari_vae.data import cache_dir, cache_key
 from atari_vae.envs import resolve_game
@@ -204,12 +204,6 @@ def test_tune_has_no_resume_flag_because_a_study_continues_from_its_storage():
     result = CliRunner().invoke(cli.main, ["tune", "--resume"])
     assert result.exit_code == 2 and "No such option '--resume'" in result.output
     assert "resume" in {f.name for f in fields_of(TrainConfig)}
-
-
-def test_the_experiment_name_limit_is_mlflows():
-    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
-
-    assert config.MAX_EXPERIMENT_NAME_LENGTH == MAX_EXPERIMENT_NAME_LENGTH
 
 
 def test_evaluate_refuses_an_empty_experiment_name_before_any_work(tmp_path):
