@@ -38,9 +38,14 @@ import torch
 from atari_vae.config import EvaluateConfig, TrainConfig
 from atari_vae.envs import Game, resolve_game, to_float
 from atari_vae.evaluate import PROBE_SEED_OFFSET
-from atari_vae.losses import fourier_code
+from atari_vae.losses import (
+    fourier_code,
+    objects_fourier_code,
+    small_objects,
+    usually_empty,
+)
 from atari_vae.metrics import SMALL_OBJECT_MAX_PIXELS, reference_frames, small_object_labels
-from atari_vae.model import VAE, random_init_like
+from atari_vae.model import FOURIER_PERIODS_PX, VAE, random_init_like
 from atari_vae.probe import (
     ProbeFrames,
     ProbeSettings,
@@ -57,12 +62,13 @@ BALLS = {"breakout": ("ball_x", "ball_y"), "pong": ("ball_x", "ball_y"),
          "space_invaders": ("missiles_y",)}
 
 
-def _small_object_centroids(frames_uint8: torch.Tensor, mean_frame: torch.Tensor,
+def _small_object_centroids(frames_uint8: torch.Tensor, mean_frame: torch.Tensor | None,
                             background: torch.Tensor,
                             by_intensity: bool = False) -> list[list[tuple[float, float]]]:
     """Per frame: the (row, col) centroids of its small moving objects (the object metric's);
     ``by_intensity`` weighs each pixel by its distance from the background (the Fourier
-    head's centroid), else every pixel alike."""
+    head's centroid), else every pixel alike; ``mean_frame`` None: also where the mean frame is
+    not background (no "moving" rule)."""
     from scipy import ndimage
 
     out = []
@@ -151,11 +157,17 @@ def budget(args: argparse.Namespace) -> None:
         print(format_probe_table({game.title: report}))
 
 
-def _ball_centroids(frames_uint8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _centroids(frames_uint8: torch.Tensor, anywhere: bool) -> list[list[tuple[float, float]]]:
+    mean_frame, background = reference_frames(frames_uint8)
+    return _small_object_centroids(frames_uint8, None if anywhere else mean_frame, background,
+                                   by_intensity=True)
+
+
+def _ball_centroids(frames_uint8: torch.Tensor,
+                    anywhere: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """((N, 2) intensity-weighted (row, col) of the one small object, (N,) whether exactly one
     is in view); rows without one are 0."""
-    centroids = _small_object_centroids(frames_uint8, *reference_frames(frames_uint8),
-                                        by_intensity=True)
+    centroids = _centroids(frames_uint8, anywhere)
     in_view = np.array([len(c) == 1 for c in centroids])
     position = np.array([c[0] if len(c) == 1 else (0.0, 0.0) for c in centroids])
     return position, in_view
@@ -179,14 +191,44 @@ def ball_codes(position: np.ndarray, in_view: np.ndarray,
             for name, code in codes.items()}
 
 
+def all_objects_code(frames_uint8: torch.Tensor, count: int = 4,
+                     anywhere: bool = False) -> torch.Tensor:
+    """(N, 1 + 4 * count): the number of small objects in view and the sum of their centroids'
+    waves (``fourier_code`` at ``count`` periods): one code for any number of objects."""
+    periods = torch.from_numpy(np.geomspace(64, 4, count))
+    centroids = _centroids(frames_uint8, anywhere)
+    rows = [torch.cat([torch.tensor([float(len(c))]),
+                       fourier_code(torch.tensor(c, dtype=torch.float64).view(-1, 2),
+                                    periods).sum(dim=0)]) for c in centroids]
+    return torch.stack(rows).float()
+
+
+def objects_head_code(frames_uint8: torch.Tensor, anywhere: bool) -> torch.Tensor:
+    """(N, 16): ``losses.objects_fourier_code`` at the Fourier head's periods, on the small
+    objects training finds (``losses.small_objects``), in the usually empty region or anywhere."""
+    mean_frame, background = reference_frames(frames_uint8)
+    region = torch.ones_like(background[:, :1]) if anywhere else usually_empty(mean_frame,
+                                                                                background)
+    out = []
+    for start in range(0, len(frames_uint8), 512):
+        x = to_float(frames_uint8[start:start + 512])
+        small, _ = small_objects(x, background, region)
+        out.append(objects_fourier_code(small, x, background, torch.tensor(FOURIER_PERIODS_PX)))
+    return torch.cat(out)
+
+
 def codes(args: argparse.Namespace) -> None:
     """The ball's probe F1 on codes of the pixels' own ball, beside the pixels themselves."""
     game, (labelled, names, masks), seed = _evaluates_probe_frames(args.game, args.frames)
     balls = {name: names[name] for name in BALLS[game.rom_id]}
-    position, in_view = _ball_centroids(labelled.frames_uint8)
+    position, in_view = _ball_centroids(labelled.frames_uint8, args.anywhere)
     print(f"{game.title}: one small object in view in {in_view.mean():.3f} of "
           f"{len(in_view)} frames")
     features = ball_codes(position, in_view, tuple(args.frequencies))
+    if args.all_objects:
+        features["all_objects4"] = all_objects_code(labelled.frames_uint8,
+                                                    anywhere=args.anywhere)
+        features["objects_head4"] = objects_head_code(labelled.frames_uint8, args.anywhere)
     if args.pixels:
         features["pixels"] = labelled.frames_uint8.reshape(len(labelled.frames_uint8), -1)
     report = probe_sources(features, labelled.labels(balls), list(balls), masks,
@@ -243,6 +285,11 @@ def main() -> None:
     p.add_argument("--game", default="Breakout")
     p.add_argument("--frames", type=int, default=EvaluateConfig().probe_frames)
     p.add_argument("--pixels", action="store_true", help="also probe the raw 64x64 RGB pixels")
+    p.add_argument("--anywhere", action="store_true",
+                   help="count small objects also where the mean frame is not background "
+                        "(SpaceInvaders' missile among the invaders)")
+    p.add_argument("--all_objects", action="store_true",
+                   help="also the sum of every small object's waves (4 periods) and their count")
     p.add_argument("--frequencies", type=int, nargs="+", default=[4, 16],
                    help="numbers of Fourier periods per axis, one code each")
     p.set_defaults(run=codes)
