@@ -15,7 +15,6 @@ from atari_vae.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DECODERS = ("deconv", "broadcast")
-FOURIER_OBJECTS = ("one", "all")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 CUDA_GRAPH_CHOICES = ("auto", "off")
 # The quality floor (README "The champion"): a version becomes champion only if, on the
@@ -112,11 +111,6 @@ class TrainConfig(DataConfig):
         "ball), at periods of 64, 25.4, 10.1 and 4 pixels: a code in which a linear classifier "
         "tells one pixel from the next; Gaussian log-likelihood of learned scale, in nats; "
         "0 = off (and no Fourier head in the model).")
-    fourier_objects: str = flag(
-        "one", "What the Fourier head codes: one (the frames that show exactly one small moving "
-        "object where the frames are usually empty: the ball) or all (every frame: the sum of "
-        "the waves of all its small objects, wherever they are, 0 with none; SpaceInvaders' "
-        "shots among the invaders too).", choices=FOURIER_OBJECTS)
     mask_weight: float = flag(
         10.0,
         "Weight of the mask term: a line from z must give, pixel by pixel, whether the frame "
@@ -171,7 +165,6 @@ class TrainConfig(DataConfig):
         check.one_of(self, "precision", PRECISION_CHOICES)
         check.one_of(self, "cuda_graph", CUDA_GRAPH_CHOICES)
         check.one_of(self, "decoder", DECODERS)
-        check.one_of(self, "fourier_objects", FOURIER_OBJECTS)
         check.collect_policy(self)
 
 

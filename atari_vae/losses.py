@@ -209,25 +209,6 @@ def fourier_code(centre: torch.Tensor, periods_px: torch.Tensor) -> torch.Tensor
     return torch.stack([angle.cos(), angle.sin()], dim=2).flatten(1)
 
 
-def objects_fourier_code(small: torch.Tensor, x: torch.Tensor, background: torch.Tensor,
-                         periods_px: torch.Tensor) -> torch.Tensor:
-    """(N, 4P): the sum over ``x``'s small objects (``small``, as ``coordinate_error``) of each
-    one's intensity-weighted mean wave, laid out as ``fourier_code``; 0 with none in view."""
-    intensity = (x.float() - background).abs().amax(dim=1, keepdim=True) * small.float()
-    # A small object spans at most 4 pixels, so the 7x7 box around each of its pixels holds all
-    # of it: dividing by the box's weight makes each lone object's pixels sum to one, without
-    # labelling components (which would leave the device for scipy).
-    local = _separable_filter(intensity, torch.ones(7, device=x.device))
-    share = intensity / local.clamp(min=1e-6)
-    axes = []
-    for axis, length in enumerate(small.shape[-2:]):
-        along = share.sum(dim=3 - axis).flatten(1)  # (N, length): the shares' profile
-        pixel = torch.arange(length, device=x.device, dtype=torch.float32).view(-1, 1)
-        angle = 2 * math.pi * pixel / periods_px.float()  # (length, P)
-        axes.append(torch.stack([along @ angle.cos(), along @ angle.sin()], dim=1))
-    return torch.stack(axes, dim=1).flatten(1)
-
-
 def fourier_error(waves: torch.Tensor, log_scale: torch.Tensor, small: torch.Tensor,
                   x: torch.Tensor, background: torch.Tensor,
                   periods_px: torch.Tensor) -> torch.Tensor:
@@ -239,23 +220,11 @@ def fourier_error(waves: torch.Tensor, log_scale: torch.Tensor, small: torch.Ten
     # ball's place between pixels (the area resize blends its edge into the backdrop).
     intensity = (x.float() - background).abs().amax(dim=1, keepdim=True)
     centre, _ = one_object_centre(small * intensity)
-    return torch.where(one, _wave_nll(waves, fourier_code(centre, periods_px), log_scale), 0.0)
-
-
-def objects_fourier_error(waves: torch.Tensor, log_scale: torch.Tensor, small: torch.Tensor,
-                          x: torch.Tensor, background: torch.Tensor,
-                          periods_px: torch.Tensor) -> torch.Tensor:
-    """(N,) as ``fourier_error``, of ``objects_fourier_code`` on every frame: the sum of the
-    waves of all of its small objects (``small``), 0 where none is in view."""
-    return _wave_nll(waves, objects_fourier_code(small, x, background, periods_px), log_scale)
-
-
-def _wave_nll(waves: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """(N,) Gaussian NLL of ``target`` under ``waves`` of scale exp(``log_scale``), counted from
-    its floor MIN_FOURIER_SCALE, so >= 0."""
+    target = fourier_code(centre, periods_px)
     log_scale = log_scale.float().clamp(min=math.log(MIN_FOURIER_SCALE))
-    return ((waves.float() - target).pow(2).sum(dim=1) / (2 * torch.exp(2 * log_scale))
-            + target.shape[1] * (log_scale - math.log(MIN_FOURIER_SCALE)))
+    nll = ((waves.float() - target).pow(2).sum(dim=1) / (2 * torch.exp(2 * log_scale))
+           + target.shape[1] * (log_scale - math.log(MIN_FOURIER_SCALE)))
+    return torch.where(one, nll, 0.0)
 
 
 def mask_error(logits: torch.Tensor, x: torch.Tensor, background: torch.Tensor,

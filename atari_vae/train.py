@@ -40,7 +40,6 @@ from atari_vae.losses import (
     locator_error,
     mask_error,
     object_error,
-    objects_fourier_error,
     pixel_weights,
     small_objects,
     usually_empty,
@@ -233,11 +232,7 @@ def _loss_terms(model, x, mean_frame, background, cfg,
         extra = extra + cfg.loc_weight * locator_error(where_logits, small)
     if cfg.coord_weight:
         extra = extra + cfg.coord_weight * coordinate_error(points, model.coords_log_px, small)
-    if cfg.fourier_weight and cfg.fourier_objects == "all":
-        anywhere, _ = small_objects(x, background, torch.ones_like(region), fg)
-        extra = extra + cfg.fourier_weight * objects_fourier_error(
-            waves, model.fourier_log_scale, anywhere, x, background, model.fourier_periods_px)
-    elif cfg.fourier_weight:
+    if cfg.fourier_weight:
         extra = extra + cfg.fourier_weight * fourier_error(
             waves, model.fourier_log_scale, small, x, background, model.fourier_periods_px)
     if cfg.mask_weight:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -38,12 +39,7 @@ import torch
 from atari_vae.config import EvaluateConfig, TrainConfig
 from atari_vae.envs import Game, resolve_game, to_float
 from atari_vae.evaluate import PROBE_SEED_OFFSET
-from atari_vae.losses import (
-    fourier_code,
-    objects_fourier_code,
-    small_objects,
-    usually_empty,
-)
+from atari_vae.losses import fourier_code, small_objects, usually_empty
 from atari_vae.metrics import SMALL_OBJECT_MAX_PIXELS, reference_frames, small_object_labels
 from atari_vae.model import FOURIER_PERIODS_PX, VAE, random_init_like
 from atari_vae.probe import (
@@ -203,9 +199,29 @@ def all_objects_code(frames_uint8: torch.Tensor, count: int = 4,
     return torch.stack(rows).float()
 
 
+def objects_fourier_code(small: torch.Tensor, x: torch.Tensor, background: torch.Tensor,
+                         periods_px: torch.Tensor) -> torch.Tensor:
+    """(N, 4P): the sum over ``x``'s small objects (``small``: (N, 1, H, W)) of each one's
+    intensity-weighted mean wave, laid out as ``fourier_code``; 0 with none in view."""
+    intensity = (x.float() - background).abs().amax(dim=1, keepdim=True) * small.float()
+    # A small object spans at most 4 pixels, so the 7x7 box around each of its pixels holds all
+    # of it: dividing by the box's weight makes each lone object's pixels sum to one, without
+    # labelling components (a head's target would have to stay on the device, away from scipy).
+    local = torch.nn.functional.avg_pool2d(intensity, 7, stride=1, padding=3) * 49
+    share = intensity / local.clamp(min=1e-6)
+    axes = []
+    for axis, length in enumerate(small.shape[-2:]):
+        along = share.sum(dim=3 - axis).flatten(1)  # (N, length): the shares' profile
+        pixel = torch.arange(length, device=x.device, dtype=torch.float32).view(-1, 1)
+        angle = 2 * math.pi * pixel / periods_px.float()  # (length, P)
+        axes.append(torch.stack([along @ angle.cos(), along @ angle.sin()], dim=1))
+    return torch.stack(axes, dim=1).flatten(1)
+
+
 def objects_head_code(frames_uint8: torch.Tensor, anywhere: bool) -> torch.Tensor:
-    """(N, 16): ``losses.objects_fourier_code`` at the Fourier head's periods, on the small
-    objects training finds (``losses.small_objects``), in the usually empty region or anywhere."""
+    """(N, 16): ``objects_fourier_code`` at the Fourier head's periods, on the small objects
+    training finds (``losses.small_objects``), in the usually empty region or anywhere: the
+    target `--fourier_objects all` trained on (commit d113c67, removed after)."""
     mean_frame, background = reference_frames(frames_uint8)
     region = torch.ones_like(background[:, :1]) if anywhere else usually_empty(mean_frame,
                                                                                 background)
@@ -226,9 +242,9 @@ def codes(args: argparse.Namespace) -> None:
           f"{len(in_view)} frames")
     features = ball_codes(position, in_view, tuple(args.frequencies))
     if args.all_objects:
-        features["all_objects4"] = all_objects_code(labelled.frames_uint8,
+        features["all_objects"] = all_objects_code(labelled.frames_uint8,
                                                     anywhere=args.anywhere)
-        features["objects_head4"] = objects_head_code(labelled.frames_uint8, args.anywhere)
+        features["objects_head"] = objects_head_code(labelled.frames_uint8, args.anywhere)
     if args.pixels:
         features["pixels"] = labelled.frames_uint8.reshape(len(labelled.frames_uint8), -1)
     report = probe_sources(features, labelled.labels(balls), list(balls), masks,

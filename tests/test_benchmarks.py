@@ -174,15 +174,42 @@ def test_probe_budget_scores_one_model_on_one_split_at_evaluates_budget_and_a_lo
 def test_probe_codes_reads_the_ball_s_byte_from_a_wave_code_not_from_a_line(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "probe.py"), "codes", "--game", "Breakout",
-         "--frames", "1500", "--frequencies", "4"], capture_output=True, text=True, timeout=600,
+         "--frames", "1500", "--frequencies", "4", "--all_objects"], capture_output=True,
+        text=True, timeout=600,
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO),
                            "ATARI_VAE_CACHE_DIR": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     header = next(line for line in lines if line.startswith("variable"))
-    assert header.split()[3:10:2] == ["majority", "line", "onehot", "fourier4"]
+    assert header.split()[3:14:2] == ["majority", "line", "onehot", "fourier4",
+                                      "all_objects", "objects_head"]
     for name in ("ball_x", "ball_y"):
-        majority, line, onehot, fourier = (
-            float(v) for v in next(row for row in lines if row.startswith(name)).split()[2:6])
+        majority, line, onehot, fourier, all_objects, head = (
+            float(v) for v in next(row for row in lines if row.startswith(name)).split()[2:8])
         # a byte classifier splits a wave code (or one-hot pixels) far better than a line
         assert fourier > line + 0.2 and onehot > line + 0.2 and fourier > majority
+        # with one ball the sum of every object's waves is the ball's: as readable; the
+        # label-free version of it (each object's mean wave over its pixels) a little less
+        assert abs(all_objects - fourier) < 0.05 and head > line + 0.15
+
+
+def test_objects_fourier_code_sums_each_object_s_intensity_weighted_mean_wave():
+    import importlib.util
+
+    import torch
+
+    from atari_vae.losses import fourier_code
+
+    spec = importlib.util.spec_from_file_location("probe_bench", REPO / "benchmarks" / "probe.py")
+    probe_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe_bench)
+    frames = torch.zeros(3, 3, 64, 64)
+    frames[1, :, 10, 20], frames[1, :, 11, 20] = 0.9, 0.3  # one 2-pixel object
+    frames[2, :, 10, 20], frames[2, :, 40, 50] = 0.6, 0.6  # two 1-pixel objects
+    small = (frames.amax(dim=1, keepdim=True) > 0).float()
+    periods = torch.tensor([64.0, 25.4, 10.1, 4.0])
+    code = probe_bench.objects_fourier_code(small, frames, torch.zeros(1, 3, 64, 64), periods)
+    assert code[0].abs().max().item() == 0.0  # nothing in view: every wave 0
+    at = fourier_code(torch.tensor([[10.0, 20.0], [11.0, 20.0], [40.0, 50.0]]), periods)
+    assert torch.allclose(code[1], 0.75 * at[0] + 0.25 * at[1], atol=1e-5)  # weighted 0.9 : 0.3
+    assert torch.allclose(code[2], at[0] + at[2], atol=1e-5)  # two objects: the sum, no labels

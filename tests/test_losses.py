@@ -19,8 +19,6 @@ from atari_vae.losses import (
     locator_error,
     mask_error,
     object_error,
-    objects_fourier_code,
-    objects_fourier_error,
     pixel_weights,
     small_objects,
     usually_empty,
@@ -272,35 +270,6 @@ def test_fourier_error_asks_nothing_without_a_ball_or_with_two():
     waves = torch.ones(2, 8)
     assert fourier_error(waves, torch.tensor(0.0), small, frames, background,
                          periods).tolist() == [0, 0]
-
-
-def test_objects_fourier_code_sums_each_object_s_intensity_weighted_mean_wave():
-    background = torch.zeros(1, 3, 64, 64)
-    frames = torch.cat([background, _one_dot(10, 20, 0.9) + _one_dot(11, 20, 0.3),
-                        _one_dot(10, 20) + _one_dot(40, 50)])
-    small = (frames.amax(dim=1, keepdim=True) > 0).float()  # every lit pixel a small object's
-    periods = torch.tensor([64.0, 25.4, 10.1, 4.0])
-    code = objects_fourier_code(small, frames, background, periods)
-    assert code[0].abs().max().item() == 0.0  # nothing in view: all waves 0
-    between = 0.75 * fourier_code(torch.tensor([[10.0, 20.0]]), periods) + 0.25 * fourier_code(
-        torch.tensor([[11.0, 20.0]]), periods)  # a 2-pixel object, weighted 0.9 : 0.3
-    assert torch.allclose(code[1], between[0], atol=1e-5)
-    two = fourier_code(torch.tensor([[10.0, 20.0], [40.0, 50.0]]), periods).sum(dim=0)
-    assert torch.allclose(code[2], two, atol=1e-5)  # two objects: the sum, no labels needed
-
-
-def test_objects_fourier_error_asks_every_frame_and_is_zero_at_its_floor():
-    background = torch.zeros(1, 3, 64, 64)
-    frames = torch.cat([background, _one_dot(10, 10) + _one_dot(50, 50)])
-    small = small_objects(frames, background, torch.ones(1, 1, 64, 64))[0]
-    periods = torch.tensor([64.0, 4.0])
-    target = objects_fourier_code(small, frames, background, periods)
-    floor = torch.tensor(math.log(MIN_FOURIER_SCALE))
-    assert objects_fourier_error(target, floor, small, frames, background,
-                                 periods).tolist() == [0.0, 0.0]
-    # unlike fourier_error, the empty frame and the two-object frame both pull
-    wrong = objects_fourier_error(target + 0.1, floor, small, frames, background, periods)
-    assert (wrong > 0).all()
 
 
 def test_mask_error_is_the_summed_binary_cross_entropy_of_the_frame_s_foreground():
