@@ -151,11 +151,11 @@ class TrainConfig(DataConfig):
         """Raise ConfigError naming the first bad value and what is allowed."""
         _validate_common(self)
         check.positive(self, "latent_dim", "base_channels", "batch_size", "train_steps",
-                  "checkpoint_freq")
+                       "checkpoint_freq")
         check.non_negative(self, "epochs")
         check.positive(self, "lr", "fg_weight", "object_oversample")
         check.non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",
-                      "coord_weight", "fourier_weight", "mask_weight")
+                           "coord_weight", "fourier_weight", "mask_weight")
         if not 0.0 < self.val_split < 1.0:
             raise ConfigError(f"--val_split must be in (0, 1), got {self.val_split}")
         if self.num_episodes < 2:
@@ -239,7 +239,8 @@ class TuneConfig(TrainConfig):
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and what is allowed."""
         super().validate()
-        check.positive(self, "epochs")  # the pruner's warm-up and the trials' length need a number
+        # the pruner's warm-up and the trials' length need a number
+        check.positive(self, "epochs")
         check.non_negative(self, "n_trials", "timeout")
         if self.n_trials == 0 and self.timeout == 0:
             raise ConfigError("--n_trials must be at least 1 (or give --timeout), got 0")
@@ -348,7 +349,7 @@ class PlanConfig:
         if "," in self.env_name:
             raise ConfigError(f"--env_name takes one game for plan, got {self.env_name!r}")
         check.positive(self, "generations", "popsize", "sigma0", "episodes_per_candidate",
-                  "max_steps", "test_episodes", "threads")
+                       "max_steps", "test_episodes", "threads")
         check.non_negative(self, "time_budget_minutes", "seed")
         if self.test_episodes >= TEST_SEED_OFFSET:
             raise ConfigError(f"--test_episodes must stay below {TEST_SEED_OFFSET}")

@@ -202,7 +202,8 @@ def all_objects_code(frames_uint8: torch.Tensor, count: int = 4,
 def objects_fourier_code(small: torch.Tensor, x: torch.Tensor, background: torch.Tensor,
                          periods_px: torch.Tensor) -> torch.Tensor:
     """(N, 4P): the sum over ``x``'s small objects (``small``: (N, 1, H, W)) of each one's
-    intensity-weighted mean wave, laid out as ``fourier_code``; 0 with none in view."""
+    intensity-weighted mean wave, laid out as ``fourier_code``; 0 with none in view. Objects
+    within 3 px of each other share their weight, so they count as less than two."""
     intensity = (x.float() - background).abs().amax(dim=1, keepdim=True) * small.float()
     # A small object spans at most 4 pixels, so the 7x7 box around each of its pixels holds all
     # of it: dividing by the box's weight makes each lone object's pixels sum to one, without

@@ -213,3 +213,9 @@ def test_objects_fourier_code_sums_each_object_s_intensity_weighted_mean_wave():
     at = fourier_code(torch.tensor([[10.0, 20.0], [11.0, 20.0], [40.0, 50.0]]), periods)
     assert torch.allclose(code[1], 0.75 * at[0] + 0.25 * at[1], atol=1e-5)  # weighted 0.9 : 0.3
     assert torch.allclose(code[2], at[0] + at[2], atol=1e-5)  # two objects: the sum, no labels
+    close = frames[2:].clone()
+    close[0, :, 40, 50], close[0, :, 10, 22] = 0.0, 0.6  # the second object 2 px from the first
+    shared = probe_bench.objects_fourier_code((close.amax(dim=1, keepdim=True) > 0).float(),
+                                              close, torch.zeros(1, 3, 64, 64), periods)
+    pair = fourier_code(torch.tensor([[10.0, 20.0], [10.0, 22.0]]), periods)
+    assert torch.allclose(shared[0], pair.mean(dim=0), atol=1e-5)  # counted as one, not two
