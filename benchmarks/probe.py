@@ -153,17 +153,9 @@ def budget(args: argparse.Namespace) -> None:
         print(format_probe_table({game.title: report}))
 
 
-def _centroids(frames_uint8: torch.Tensor, anywhere: bool) -> list[list[tuple[float, float]]]:
-    mean_frame, background = reference_frames(frames_uint8)
-    return _small_object_centroids(frames_uint8, None if anywhere else mean_frame, background,
-                                   by_intensity=True)
-
-
-def _ball_centroids(frames_uint8: torch.Tensor,
-                    anywhere: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """((N, 2) intensity-weighted (row, col) of the one small object, (N,) whether exactly one
-    is in view); rows without one are 0."""
-    centroids = _centroids(frames_uint8, anywhere)
+def _one_object(centroids: list[list[tuple[float, float]]]) -> tuple[np.ndarray, np.ndarray]:
+    """((N, 2) (row, col) of the one small object, (N,) whether exactly one is in view), from
+    ``_small_object_centroids``; rows without one are 0."""
     in_view = np.array([len(c) == 1 for c in centroids])
     position = np.array([c[0] if len(c) == 1 else (0.0, 0.0) for c in centroids])
     return position, in_view
@@ -187,12 +179,10 @@ def ball_codes(position: np.ndarray, in_view: np.ndarray,
             for name, code in codes.items()}
 
 
-def all_objects_code(frames_uint8: torch.Tensor, count: int = 4,
-                     anywhere: bool = False) -> torch.Tensor:
+def all_objects_code(centroids: list[list[tuple[float, float]]], count: int = 4) -> torch.Tensor:
     """(N, 1 + 4 * count): the number of small objects in view and the sum of their centroids'
-    waves (``fourier_code`` at ``count`` periods): one code for any number of objects."""
+    (``_small_object_centroids``) waves at ``count`` periods: one code for any number of them."""
     periods = torch.from_numpy(np.geomspace(64, 4, count))
-    centroids = _centroids(frames_uint8, anywhere)
     rows = [torch.cat([torch.tensor([float(len(c))]),
                        fourier_code(torch.tensor(c, dtype=torch.float64).view(-1, 2),
                                     periods).sum(dim=0)]) for c in centroids]
@@ -219,11 +209,11 @@ def objects_fourier_code(small: torch.Tensor, x: torch.Tensor, background: torch
     return torch.stack(axes, dim=1).flatten(1)
 
 
-def objects_head_code(frames_uint8: torch.Tensor, anywhere: bool) -> torch.Tensor:
+def objects_head_code(frames_uint8: torch.Tensor, mean_frame: torch.Tensor,
+                      background: torch.Tensor, anywhere: bool) -> torch.Tensor:
     """(N, 16): ``objects_fourier_code`` at the Fourier head's periods, on the small objects
     training finds (``losses.small_objects``), in the usually empty region or anywhere: the
     target `--fourier_objects all` trained on (commit d113c67, removed after)."""
-    mean_frame, background = reference_frames(frames_uint8)
     region = torch.ones_like(background[:, :1]) if anywhere else usually_empty(mean_frame,
                                                                                 background)
     out = []
@@ -238,14 +228,19 @@ def codes(args: argparse.Namespace) -> None:
     """The ball's probe F1 on codes of the pixels' own ball, beside the pixels themselves."""
     game, (labelled, names, masks), seed = _evaluates_probe_frames(args.game, args.frames)
     balls = {name: names[name] for name in BALLS[game.rom_id]}
-    position, in_view = _ball_centroids(labelled.frames_uint8, args.anywhere)
+    # the references and the scipy labelling over every frame, once for all the codes
+    mean_frame, background = reference_frames(labelled.frames_uint8)
+    centroids = _small_object_centroids(labelled.frames_uint8,
+                                        None if args.anywhere else mean_frame, background,
+                                        by_intensity=True)
+    position, in_view = _one_object(centroids)
     print(f"{game.title}: one small object in view in {in_view.mean():.3f} of "
           f"{len(in_view)} frames")
     features = ball_codes(position, in_view, tuple(args.frequencies))
     if args.all_objects:
-        features["all_objects"] = all_objects_code(labelled.frames_uint8,
-                                                    anywhere=args.anywhere)
-        features["objects_head"] = objects_head_code(labelled.frames_uint8, args.anywhere)
+        features["all_objects"] = all_objects_code(centroids)
+        features["objects_head"] = objects_head_code(labelled.frames_uint8, mean_frame,
+                                                     background, args.anywhere)
     if args.pixels:
         features["pixels"] = labelled.frames_uint8.reshape(len(labelled.frames_uint8), -1)
     report = probe_sources(features, labelled.labels(balls), list(balls), masks,
