@@ -54,5 +54,7 @@ def load_error_reason(exc: Exception) -> str:
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type's name when it has none."""
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """The first line of an exception's message (at most 300 characters: a server's error page
+    can be one long line), or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -19,10 +19,9 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -35,12 +34,17 @@ from atari_vae.config import (
     EvaluateConfig,
 )
 from atari_vae.envs import Game
-from atari_vae.errors import AtariVaeError
+from atari_vae.files import first_line
 from atari_vae.metrics import mean_balanced_psnr
 from atari_vae.model import VAE
+from atari_vae.registry_retry import (
+    PromotionAborted,
+    is_network_error,
+    is_not_found,
+    with_retry,
+)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 CHAMPION = "champion"
 SCORE_TAG = "selection_score"
@@ -54,10 +58,6 @@ PASSED = "passed"
 EVAL_KEY_VERSION = 2  # bump when the measure or the frames change: old scores are not compared
 LOCK_TIMEOUT_S = 900
 PENDING_WAIT_S = 300  # a registration pending longer than this is taken as crashed
-FETCH_ATTEMPTS = 3
-FETCH_BACKOFF_S = 2.0
-class PromotionAborted(AtariVaeError):
-    """The registry did not answer: nothing was promoted or demoted."""
 
 
 @dataclass
@@ -118,49 +118,6 @@ def floor_failure(per_game: dict[str, dict[str, float]]) -> str | None:
 
 # --- talking to the registry ---------------------------------------------------------------------
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def _is_not_found(exc: BaseException) -> bool:
-    return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
-
-
-def _is_network_error(exc: BaseException | None) -> bool:
-    """True when ``exc`` or its causes say the tracking server or network did not answer."""
-    import requests
-
-    while exc is not None:
-        if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError,
-                            TimeoutError)):
-            return True
-        if any(s in str(exc) for s in ("API request to", "Max retries exceeded",
-                                       "cannot reach the MLflow tracking server")):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def with_retry(what: str, call: Callable[[], T],
-               transient: Callable[[Exception], bool] | None = None) -> T:
-    """``call()``, tried FETCH_ATTEMPTS times while it fails ``transient`` (default: anything
-    but "does not exist", which is an answer); then PromotionAborted."""
-    transient = transient or (lambda exc: not _is_not_found(exc))
-    for attempt in range(FETCH_ATTEMPTS):
-        try:
-            return call()
-        except Exception as exc:
-            if not transient(exc):
-                raise
-            last = exc
-            if attempt + 1 < FETCH_ATTEMPTS:
-                time.sleep(FETCH_BACKOFF_S * (attempt + 1))
-    raise PromotionAborted(
-        f"cannot {what} from {tracking.tracking_uri()} after {FETCH_ATTEMPTS} tries "
-        f"({_first_line(last)}); the promotion is aborted and the champion alias is unchanged")
-
-
 def champion_version(name: str, client: Any = None) -> str | None:
     """The version holding ``champion`` of ``name``, if any (aborts when the store is down)."""
     import mlflow
@@ -170,7 +127,7 @@ def champion_version(name: str, client: Any = None) -> str | None:
         aliases = with_retry(f"read the champion of {name!r}",
                              lambda: client.get_registered_model(name).aliases)
     except mlflow.exceptions.MlflowException as exc:
-        if _is_not_found(exc):  # no such registered model yet
+        if is_not_found(exc):  # no such registered model yet
             return None
         raise
     return str(aliases[CHAMPION]) if CHAMPION in aliases else None
@@ -206,12 +163,12 @@ def _fetch_vae_dir(client: Any, name: str, version: str) -> Path | str:
     what = f"fetch version {version} of {name!r}"
     try:
         return with_retry(what, lambda: registry.download_vae_dir(f"models:/{name}/{version}"),
-                          transient=_is_network_error)
+                          transient=is_network_error)
     except PromotionAborted:
         raise
     except Exception as exc:
         with_retry(what, lambda: client.get_model_version(name, version))  # the store answers
-        return f"its files cannot be fetched ({_first_line(exc)})"
+        return f"its files cannot be fetched ({first_line(exc)})"
 
 
 def _load_version(client: Any, name: str, version: str) -> VAE | str:
@@ -222,7 +179,7 @@ def _load_version(client: Any, name: str, version: str) -> VAE | str:
     try:
         model = registry.load_vae_dir(vae_dir)
     except Exception as exc:  # wrong shapes raise RuntimeError, a bad config KeyError ...
-        return f"it does not load ({type(exc).__name__}: {_first_line(exc)})"
+        return f"it does not load ({type(exc).__name__}: {first_line(exc)})"
     if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
         return "its weights are not finite"
     return model
@@ -242,9 +199,9 @@ def score_version(client: Any, name: str, version: str, scorer: SelectionScorer,
         per_game = scorer(model)
         value = mean_balanced_psnr(per_game.values())
     except Exception as exc:
-        if _is_network_error(exc):
+        if is_network_error(exc):
             raise
-        return None, f"it cannot be scored ({type(exc).__name__}: {_first_line(exc)})"
+        return None, f"it cannot be scored ({type(exc).__name__}: {first_line(exc)})"
     if not math.isfinite(value):
         return None, f"its selection score is {value}"
     floor = floor_failure(per_game)
@@ -393,11 +350,11 @@ def promote_version(name: str, version: str, games: list[Game],
                     demote(client, name, before, demoted)
             holder = settle_champion(name, scorer.key)
     except Exception as exc:
-        if isinstance(exc, PromotionAborted) or not _is_network_error(exc):
+        if isinstance(exc, PromotionAborted) or not is_network_error(exc):
             raise
         raise PromotionAborted(
             f"the registry at {tracking.tracking_uri()} stopped answering while version "
-            f"{version} of {name!r} was put up ({_first_line(exc)}); the promotion is aborted"
+            f"{version} of {name!r} was put up ({first_line(exc)}); the promotion is aborted"
         ) from exc
     finally:
         with contextlib.suppress(Exception):  # the store may be the thing that failed

@@ -22,6 +22,7 @@ def test_a_temporary_is_found_by_the_clean_up_and_the_target_appears_only_when_w
     (EOFError("No data left in file"), "No data left in file"),
     (ValueError("first\nsecond"), "first"),
     (EOFError(), "EOFError"),
+    (RuntimeError("<html>" + "x" * 500), "<html>" + "x" * 294),
 ])
 def test_first_line_of_an_error_is_one_line_never_empty(exc, line):
     assert first_line(exc) == line

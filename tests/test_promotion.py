@@ -13,7 +13,7 @@ import mlflow
 import pytest
 import torch
 
-from atari_vae import promotion, registration, registry, tracking
+from atari_vae import promotion, registration, registry, registry_retry, tracking
 from atari_vae.config import (
     FLOOR_FG_ACCURACY_MARGIN,
     FLOOR_PSNR_MARGIN_DB,
@@ -174,18 +174,18 @@ def test_unreachable_registry_aborts_the_promotion_and_stores_no_score(
     uri, run_id = log_model(background_model(), "newcomer")
     newcomer = registration.register_version(uri, "m", run_id, {}, "newcomer")
     store = mlflow.get_tracking_uri()
-    monkeypatch.setattr(promotion, "FETCH_BACKOFF_S", 0.1)
+    monkeypatch.setattr(registry_retry, "FETCH_BACKOFF_S", 0.1)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     closed = "http://127.0.0.1:1"  # nothing listens on port 1: every request is refused
     monkeypatch.setenv("MLFLOW_TRACKING_URI", closed)
     mlflow.set_tracking_uri(closed)
     try:
-        with pytest.raises(promotion.PromotionAborted,
+        with pytest.raises(registry_retry.PromotionAborted,
                            match=r"cannot read the champion of 'm' from http://127.0.0.1:1 "
                                  r"after 3 tries .*champion alias is unchanged"):
             promotion.champion_version("m")
-        with pytest.raises(promotion.PromotionAborted, match="aborted"):
+        with pytest.raises(registry_retry.PromotionAborted, match="aborted"):
             promotion.promote_version("m", newcomer, [BREAKOUT], EVAL_SAMPLES)
     finally:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
