@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from atari_vae.config import OBJECT_REGION, TrainConfig
+from atari_vae.config import TrainConfig
 from atari_vae.envs import parse_games
 from atari_vae.errors import AtariVaeError
 from atari_vae.files import atomic_path, load_error_reason
@@ -49,14 +49,12 @@ def latest_checkpoint(out: Path) -> Path | None:
 RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split", "latent_dim",
                      "base_channels", "batch_size", "lr", "kl_weight", "fg_weight", "obj_weight",
                      "loc_weight", "coord_weight", "fourier_weight", "mask_weight", "free_bits",
-                     "decoder", "collect_policy", "policy_mix", "object_oversample",
-                     "object_region")
+                     "decoder", "collect_policy", "policy_mix", "object_oversample")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 # A checkpoint that predates a flag trained as these say: loss terms off, the 32-256 wide net.
 BEFORE_THEY_EXISTED = {"obj_weight": 0.0, "loc_weight": 0.0, "coord_weight": 0.0,
                        "fourier_weight": 0.0, "mask_weight": 0.0,
-                       "base_channels": LEGACY_ARCHITECTURE["base_channels"],
-                       "object_region": OBJECT_REGION}
+                       "base_channels": LEGACY_ARCHITECTURE["base_channels"]}
 
 
 def _same_flag(name: str, saved: Any, given: Any) -> bool:

@@ -16,10 +16,6 @@ from atari_vae.errors import ConfigError
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DECODERS = ("deconv", "broadcast")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
-# Where the ball-finding terms look: stricter than the object metric's RARE_DEVIATION (0.02),
-# which still let a lives-digit fragment in, a small object in most Breakout frames; the ball
-# passes each pixel in under 1 % of frames.
-OBJECT_REGION = 0.005
 CUDA_GRAPH_CHOICES = ("auto", "off")
 # The quality floor (README "The champion"): a version becomes champion only if, on the
 # selection frames of every game, its PSNR beats the mean frame's by this many dB AND its
@@ -121,11 +117,6 @@ class TrainConfig(DataConfig):
         "differs from the background there (its foreground mask: paddle, ball, removed "
         "bricks), as Bernoulli logits; binary cross-entropy in nats summed over pixels; "
         "0 = off (and no mask head in the model).")
-    object_region: float = flag(
-        OBJECT_REGION, "Where the ball-finding terms (locator, coordinate, Fourier, object) "
-        "look for small moving objects: pixels where the training set's mean frame is within "
-        "this of the background, in [0, 1] per channel. 0.005: where balls and shots fly, not "
-        "where bricks, digits or invaders sit; 1 = everywhere (shots among the invaders too).")
     object_oversample: float = flag(
         1.0, "How many times as often a training frame that shows a small moving object (the "
         "ball, shots) is drawn into an epoch as one that shows none; the pixels decide, never "
@@ -163,8 +154,6 @@ class TrainConfig(DataConfig):
                        "checkpoint_freq")
         check.non_negative(self, "epochs")
         check.positive(self, "lr", "fg_weight", "object_oversample")
-        if not 0.0 <= self.object_region <= 1.0:
-            raise ConfigError(f"--object_region must be in [0, 1], got {self.object_region}")
         check.non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",
                            "coord_weight", "fourier_weight", "mask_weight")
         if not 0.0 < self.val_split < 1.0:

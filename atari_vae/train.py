@@ -130,7 +130,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
                                      total_steps=state.schedule_epochs * per_epoch,
                                      warmup_steps=per_epoch))
     order_rng = torch.Generator().manual_seed(cfg.seed)
-    frame_weights = (_object_weights(frames, game_ids, refs, cfg)
+    frame_weights = (_object_weights(frames, game_ids, refs, cfg.object_oversample)
                      if cfg.object_oversample != 1 else None)
     if ckpt:
         restore_checkpoint(path, ckpt, model, optimizer, scheduler, order_rng)
@@ -223,7 +223,7 @@ def _loss_terms(model, x, mean_frame, background, cfg,
     extra = 0.0
     finds_ball = cfg.loc_weight or cfg.coord_weight or cfg.fourier_weight
     if cfg.obj_weight or finds_ball:
-        region = usually_empty(mean_frame, background, cfg.object_region)
+        region = usually_empty(mean_frame, background)
     if cfg.obj_weight:
         extra = extra + cfg.obj_weight * object_error(x_hat, x, background, region)
     if finds_ball:
@@ -242,17 +242,17 @@ def _loss_terms(model, x, mean_frame, background, cfg,
 
 @torch.no_grad()
 def _object_weights(frames: torch.Tensor, game_ids: torch.Tensor, refs: GameReferences,
-                    cfg: TrainConfig) -> torch.Tensor:
-    """(N,) cpu sampling weight of each frame: ``cfg.object_oversample`` where its pixels show
-    a small moving object (``losses.small_objects`` within ``cfg.object_region``), else 1."""
+                    oversample: float) -> torch.Tensor:
+    """(N,) cpu sampling weight of each frame: ``oversample`` where its pixels show a small
+    moving object (``losses.small_objects``), else 1."""
     shows = []
     for x, mean_frame, background in _batches(ValFrames(frames, game_ids), refs, EVAL_BATCH):
-        region = usually_empty(mean_frame, background, cfg.object_region)
-        shows.append(small_objects(x, background, region)[0].flatten(1).amax(1).cpu() > 0)
+        small, _ = small_objects(x, background, usually_empty(mean_frame, background))
+        shows.append(small.flatten(1).amax(1).cpu() > 0)
     shows = torch.cat(shows)
     log.info("%.1f%% of the training frames show a small moving object; drawn %gx as often",
-             100 * shows.float().mean().item(), cfg.object_oversample)
-    return 1 + (cfg.object_oversample - 1) * shows.double()
+             100 * shows.float().mean().item(), oversample)
+    return 1 + (oversample - 1) * shows.double()
 
 
 def _backward_step(model, frames, game_ids, refs, cfg,

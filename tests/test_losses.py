@@ -168,16 +168,6 @@ def test_object_error_ignores_pixels_that_are_usually_not_background():
     assert object_error(background, _one_dot(10, 10), background, region).item() > 0.0
 
 
-def test_object_region_one_looks_for_small_objects_where_the_mean_frame_is_busy_too():
-    background = torch.zeros(1, 3, 64, 64)
-    mean_frame = background.clone()
-    mean_frame[0, :, 20:40, 20:40] = 0.3  # e.g. where the invaders usually are
-    shot = _one_dot(30, 30)
-    strict, _ = small_objects(shot, background, usually_empty(mean_frame, background))
-    everywhere, _ = small_objects(shot, background, usually_empty(mean_frame, background, 1.0))
-    assert strict.sum().item() == 0.0 and everywhere[0, 0, 30, 30].item() == 1.0
-
-
 def test_the_ball_terms_add_to_the_reconstruction_term_per_image():
     x = _images()
     terms = vae_loss(x, x, torch.zeros(2, 4), torch.zeros(2, 4),

@@ -369,11 +369,3 @@ def test_epochs_0_trains_the_whole_passes_that_reach_train_steps_and_resumes_to_
     assert again.exit_code == 0, again.output
     assert not list(out.glob(f"checkpoint_epoch_{planned + 1}.pt"))
     assert "epochs_extended_to" not in MlflowClient().get_run(run_id).data.tags
-
-
-def test_a_checkpoint_older_than_object_region_looked_for_objects_where_the_mean_is_empty():
-    saved = {k: v for k, v in asdict(TrainConfig()).items() if k != "object_region"}
-    ckpt = {"run_token": "t", "config": saved}
-    assert "--object_region 0.005, not 1.0" in resume_mismatch(
-        ckpt, TrainConfig(object_region=1.0), "t")
-    assert resume_mismatch(ckpt, TrainConfig(), "t") is None

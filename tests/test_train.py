@@ -268,7 +268,7 @@ def test_object_oversample_weighs_the_frames_that_show_the_ball(tmp_path):
     cfg = TrainConfig(**tiny_train_flags(tmp_path / "out", object_oversample=3.0))
     frames = load_games(parse_games(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed)
     refs = game_references(frames.frames_uint8, frames.game_ids, 1)
-    weights = _object_weights(frames.frames_uint8, frames.game_ids, refs, cfg)
+    weights = _object_weights(frames.frames_uint8, frames.game_ids, refs, 3.0)
     assert set(weights.unique().tolist()) == {1.0, 3.0}  # random play: the ball in some frames
     # a frame weighed 3 shows a small object the loss's own mask finds; one weighed 1 none
     mean_frame, background = refs
