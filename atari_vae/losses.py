@@ -113,17 +113,19 @@ def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def small_objects(x: torch.Tensor, background: torch.Tensor, region: torch.Tensor,
-                  fg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  fg: torch.Tensor | None = None,
+                  crowd_reach_px: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """(small, large): (N, 1, H, W) float masks of ``x``'s foreground pixels in small objects
-    (at most SMALL_OBJECT_MAX_PIXELS foreground pixels in a 5x5 neighbourhood, inside
-    ``region``) and of the rest of its foreground (paddles, bricks, digits); ``fg`` as in
-    ``pixel_weights``."""
+    (at most SMALL_OBJECT_MAX_PIXELS foreground pixels in a 5x5 neighbourhood, none of them
+    within ``crowd_reach_px`` of a crowded pixel, inside ``region``) and of the rest of its
+    foreground (paddles, bricks, digits); ``fg`` as in ``pixel_weights``."""
     fg = (foreground_mask(x, background) if fg is None else fg).float()
     box = torch.ones(5, device=x.device)
     crowded = fg * (_separable_filter(fg, box) > SMALL_OBJECT_MAX_PIXELS + 0.5)
-    # Not small if any crowded foreground pixel is near: the end of a paddle is crowded one
-    # pixel further in, a ball nowhere.
-    small = fg * region * (_separable_filter(crowded, box) < 0.5)
+    # Not small if a crowded foreground pixel is within the reach: a paddle's end pixels are
+    # uncrowded but at most two pixels from its crowded middle, a ball is far from any.
+    reach = torch.ones(2 * crowd_reach_px + 1, device=x.device)
+    small = fg * region * (_separable_filter(crowded, reach) < 0.5)
     return small, fg - small
 
 

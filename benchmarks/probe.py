@@ -5,6 +5,7 @@
     python benchmarks/probe.py baselines --game Breakout --pixels
     python benchmarks/probe.py budget --game Breakout --model outputs/run/best_model.pt
     python benchmarks/probe.py codes --game Breakout
+    python benchmarks/probe.py rules --game SpaceInvaders
     python benchmarks/probe.py table outputs/probe/*/eval
 
 ``survival``: labelled fresh frames (evaluate's probe seed), scored for how often the ball (or
@@ -22,6 +23,9 @@ smooth line in z needs large weights).
 intensity-weighted centroid, when exactly one is in view) in three forms a code could take: a
 line (row, col), one-hot pixels, Fourier features. What a code of the visible ball can score,
 and which form a linear byte classifier reads.
+``rules``: where the loss's small-object rule (``losses.small_objects``) finds small pixels in
+the training frames, with its region (the usually empty pixels, or everywhere) and crowding
+reach varied: which rows a ball-finding term would look at under each rule.
 ``table``: one markdown row per evaluate output folder with a ``state_probe.json``.
 """
 
@@ -210,7 +214,8 @@ def objects_fourier_code(small: torch.Tensor, x: torch.Tensor, background: torch
 
 
 def objects_head_code(frames_uint8: torch.Tensor, mean_frame: torch.Tensor,
-                      background: torch.Tensor, anywhere: bool) -> torch.Tensor:
+                      background: torch.Tensor, anywhere: bool,
+                      crowd_reach_px: int = 2) -> torch.Tensor:
     """(N, 16): ``objects_fourier_code`` at the Fourier head's periods, on the small objects
     training finds (``losses.small_objects``), in the usually empty region or anywhere: the
     target `--fourier_objects all` trained on (commit d113c67, removed after)."""
@@ -219,7 +224,7 @@ def objects_head_code(frames_uint8: torch.Tensor, mean_frame: torch.Tensor,
     out = []
     for start in range(0, len(frames_uint8), 512):
         x = to_float(frames_uint8[start:start + 512])
-        small, _ = small_objects(x, background, region)
+        small, _ = small_objects(x, background, region, crowd_reach_px=crowd_reach_px)
         out.append(objects_fourier_code(small, x, background, torch.tensor(FOURIER_PERIODS_PX)))
     return torch.cat(out)
 
@@ -239,13 +244,34 @@ def codes(args: argparse.Namespace) -> None:
     features = ball_codes(position, in_view, tuple(args.frequencies))
     if args.all_objects:
         features["all_objects"] = all_objects_code(centroids)
-        features["objects_head"] = objects_head_code(labelled.frames_uint8, mean_frame,
-                                                     background, args.anywhere)
+        for reach in args.crowd_reach_px:
+            features[f"objects_head_reach{reach}"] = objects_head_code(
+                labelled.frames_uint8, mean_frame, background, args.anywhere, reach)
     if args.pixels:
         features["pixels"] = labelled.frames_uint8.reshape(len(labelled.frames_uint8), -1)
     report = probe_sources(features, labelled.labels(balls), list(balls), masks,
                            ProbeSettings(seed=seed), in_view)
     print(format_probe_table({game.title: report}))
+
+
+def rules(args: argparse.Namespace) -> None:
+    """Per rule: share of training frames with a small pixel, small pixels a frame, and by row."""
+    from atari_vae.data import load_or_collect
+
+    defaults = TrainConfig()
+    frames = load_or_collect(resolve_game(args.game), defaults.num_episodes, defaults.max_steps,
+                             defaults.seed, progress=False).frames_uint8
+    sample_uint8 = frames[torch.arange(0, len(frames), max(1, len(frames) // args.frames))]
+    x, (mean_frame, background) = to_float(sample_uint8), reference_frames(sample_uint8)
+    empty, everywhere = usually_empty(mean_frame, background), torch.ones_like(x[:1, :1])
+    for name, region, reach in (("usually empty, reach 2 (the default)", empty, 2),
+                                ("everywhere, reach 2", everywhere, 2),
+                                ("everywhere, reach 0", everywhere, 0)):
+        small, _ = small_objects(x, background, region, crowd_reach_px=reach)
+        by_row = small.sum(dim=(0, 1, 3)).long().tolist()
+        print(f"{name}: {(small.flatten(1).amax(1) > 0).float().mean():.3f} of {len(x)} frames "
+              f"show a small pixel, {small.sum() / len(x):.2f} a frame; by row: "
+              + " ".join(f"{row}:{n}" for row, n in enumerate(by_row) if n))
 
 
 def table(args: argparse.Namespace) -> None:
@@ -302,9 +328,16 @@ def main() -> None:
                         "(SpaceInvaders' missile among the invaders)")
     p.add_argument("--all_objects", action="store_true",
                    help="also the sum of every small object's waves (4 periods) and their count")
+    p.add_argument("--crowd_reach_px", type=int, nargs="+", default=[2],
+                   help="with --all_objects: how near a crowded pixel drops a small one in the "
+                        "code training would use (losses.small_objects; 2 = the 5x5 rule)")
     p.add_argument("--frequencies", type=int, nargs="+", default=[4, 16],
                    help="numbers of Fourier periods per axis, one code each")
     p.set_defaults(run=codes)
+    p = sub.add_parser("rules", help="where the loss's small-object rule finds small pixels")
+    p.add_argument("--game", default="SpaceInvaders")
+    p.add_argument("--frames", type=int, default=4000, help="training frames, evenly spaced")
+    p.set_defaults(run=rules)
     p = sub.add_parser("table", help="markdown table of evaluate folders")
     p.add_argument("folders", nargs="+")
     p.set_defaults(run=table)

@@ -203,6 +203,23 @@ def test_locator_error_is_low_for_the_right_place_uniform_for_no_idea_and_zero_w
     assert locator_error(right, no_ball).item() == 0.0
 
 
+def test_small_objects_drop_a_shot_within_the_crowding_reach_of_an_invader_and_keep_it_beyond():
+    background = torch.zeros(1, 3, 64, 64)
+    region = torch.ones(1, 1, 64, 64)
+    frame = background.clone()
+    frame[0, :, 20:23, 20:23] = 0.6  # a 3x3 invader: every pixel crowded
+    frame[0, :, 21, 24] = 0.6  # a shot two columns from its edge
+    frame[0, :, 40, 10:16] = 0.6  # a paddle: its two outer pixels at each end are not crowded
+    assert torch.equal(small_objects(frame, background, region)[0],
+                       small_objects(frame, background, region, crowd_reach_px=2)[0])
+    for reach, shot_kept, paddle_end_kept in ((2, False, False), (1, True, True),
+                                              (0, True, True)):
+        small = small_objects(frame, background, region, crowd_reach_px=reach)[0][0, 0]
+        assert bool(small[21, 24]) is shot_kept, reach
+        assert bool(small[40, 10]) is paddle_end_kept, reach
+        assert small[20:23, 20:23].sum().item() == 0.0  # the invader never
+
+
 def test_coordinate_error_is_a_gaussian_likelihood_of_the_one_ball_in_view():
     background = torch.zeros(1, 3, 64, 64)
     region = usually_empty(background, background)
