@@ -244,8 +244,9 @@ def codes(args: argparse.Namespace) -> None:
     features = ball_codes(position, in_view, tuple(args.frequencies))
     if args.all_objects:
         features["all_objects"] = all_objects_code(centroids)
-        for reach in args.crowd_reach_px:
-            features[f"objects_head_reach{reach}"] = objects_head_code(
+        for reach in args.crowd_reach_px:  # names short enough for the table's columns
+            name = "objects_head" if reach == 2 else f"obj_head_r{reach}"
+            features[name] = objects_head_code(
                 labelled.frames_uint8, mean_frame, background, args.anywhere, reach)
     if args.pixels:
         features["pixels"] = labelled.frames_uint8.reshape(len(labelled.frames_uint8), -1)
@@ -259,7 +260,7 @@ def rules(args: argparse.Namespace) -> None:
     from atari_vae.data import load_or_collect
 
     defaults = TrainConfig()
-    frames = load_or_collect(resolve_game(args.game), defaults.num_episodes, defaults.max_steps,
+    frames = load_or_collect(resolve_game(args.game), args.num_episodes, defaults.max_steps,
                              defaults.seed, progress=False).frames_uint8
     sample_uint8 = frames[torch.arange(0, len(frames), max(1, len(frames) // args.frames))]
     x, (mean_frame, background) = to_float(sample_uint8), reference_frames(sample_uint8)
@@ -337,6 +338,8 @@ def main() -> None:
     p = sub.add_parser("rules", help="where the loss's small-object rule finds small pixels")
     p.add_argument("--game", default="SpaceInvaders")
     p.add_argument("--frames", type=int, default=4000, help="training frames, evenly spaced")
+    p.add_argument("--num_episodes", type=int, default=TrainConfig().num_episodes,
+                   help="of train's collection (its default: the frames training sees)")
     p.set_defaults(run=rules)
     p = sub.add_parser("table", help="markdown table of evaluate folders")
     p.add_argument("folders", nargs="+")

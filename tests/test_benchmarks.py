@@ -193,6 +193,22 @@ def test_probe_codes_reads_the_ball_s_byte_from_a_wave_code_not_from_a_line(tmp_
         assert abs(all_objects - fourier) < 0.05 and head > line + 0.15
 
 
+def test_probe_rules_finds_more_small_pixels_everywhere_and_more_again_at_reach_0(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "probe.py"), "rules", "--game",
+         "SpaceInvaders", "--num_episodes", "2", "--frames", "300"], capture_output=True,
+        text=True, timeout=600,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO),
+                           "ATARI_VAE_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rules = [line for line in done.stdout.splitlines() if "by row:" in line]
+    assert [line.split(":")[0] for line in rules] == [
+        "usually empty, reach 2 (the default)", "everywhere, reach 2", "everywhere, reach 0"]
+    per_frame = [float(line.split(" a frame")[0].split(", ")[-1]) for line in rules]
+    # a wider region and a shorter reach can only add small pixels; the score digits are some
+    assert per_frame[0] <= per_frame[1] <= per_frame[2] and per_frame[1] > per_frame[0]
+
+
 def test_objects_fourier_code_sums_each_object_s_intensity_weighted_mean_wave():
     import importlib.util
 
