@@ -43,6 +43,9 @@ OBJECT_REACH_PX = 6  # how far from a small object a drawn one still earns the o
 # A ball or bullet is 1-4 pixels at 64x64 (Breakout's 2x4 ball, Pong's 2x4 ball, Space
 # Invaders' 1x8 shots become 1x1 to 1x3); the paddle, invaders and digits are larger.
 SMALL_OBJECT_MAX_PIXELS = 4
+# A foreground pixel this close (px, along both axes) to a crowded one is not small: a paddle's
+# uncrowded end pixels are at most two pixels from its crowded middle.
+CROWD_REACH_PX = 2
 # One object in view: the small pixels' mean squared distance from their centroid is at most
 # this (a 1x4 shot: 1.25 px^2); two balls a few pixels apart are well above it.
 ONE_OBJECT_SPREAD_PX2 = 2.0
@@ -114,7 +117,7 @@ def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def small_objects(x: torch.Tensor, background: torch.Tensor, region: torch.Tensor,
                   fg: torch.Tensor | None = None,
-                  crowd_reach_px: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                  crowd_reach_px: int = CROWD_REACH_PX) -> tuple[torch.Tensor, torch.Tensor]:
     """(small, large): (N, 1, H, W) float masks of ``x``'s foreground pixels in small objects
     (at most SMALL_OBJECT_MAX_PIXELS foreground pixels in a 5x5 neighbourhood, none of them
     within ``crowd_reach_px`` of a crowded pixel, inside ``region``) and of the rest of its
@@ -122,8 +125,6 @@ def small_objects(x: torch.Tensor, background: torch.Tensor, region: torch.Tenso
     fg = (foreground_mask(x, background) if fg is None else fg).float()
     box = torch.ones(5, device=x.device)
     crowded = fg * (_separable_filter(fg, box) > SMALL_OBJECT_MAX_PIXELS + 0.5)
-    # Not small if a crowded foreground pixel is within the reach: a paddle's end pixels are
-    # uncrowded but at most two pixels from its crowded middle, a ball is far from any.
     reach = torch.ones(2 * crowd_reach_px + 1, device=x.device)
     small = fg * region * (_separable_filter(crowded, reach) < 0.5)
     return small, fg - small

@@ -43,7 +43,7 @@ import torch
 from atari_vae.config import EvaluateConfig, TrainConfig
 from atari_vae.envs import Game, resolve_game, to_float
 from atari_vae.evaluate import PROBE_SEED_OFFSET
-from atari_vae.losses import fourier_code, small_objects, usually_empty
+from atari_vae.losses import CROWD_REACH_PX, fourier_code, small_objects, usually_empty
 from atari_vae.metrics import SMALL_OBJECT_MAX_PIXELS, reference_frames, small_object_labels
 from atari_vae.model import FOURIER_PERIODS_PX, VAE, random_init_like
 from atari_vae.probe import (
@@ -215,7 +215,7 @@ def objects_fourier_code(small: torch.Tensor, x: torch.Tensor, background: torch
 
 def objects_head_code(frames_uint8: torch.Tensor, mean_frame: torch.Tensor,
                       background: torch.Tensor, anywhere: bool,
-                      crowd_reach_px: int = 2) -> torch.Tensor:
+                      crowd_reach_px: int = CROWD_REACH_PX) -> torch.Tensor:
     """(N, 16): ``objects_fourier_code`` at the Fourier head's periods, on the small objects
     training finds (``losses.small_objects``), in the usually empty region or anywhere: the
     target `--fourier_objects all` trained on (commit d113c67, removed after)."""
@@ -245,7 +245,7 @@ def codes(args: argparse.Namespace) -> None:
     if args.all_objects:
         features["all_objects"] = all_objects_code(centroids)
         for reach in args.crowd_reach_px:  # names short enough for the table's columns
-            name = "objects_head" if reach == 2 else f"obj_head_r{reach}"
+            name = "objects_head" if reach == CROWD_REACH_PX else f"obj_head_r{reach}"
             features[name] = objects_head_code(
                 labelled.frames_uint8, mean_frame, background, args.anywhere, reach)
     if args.pixels:
@@ -265,9 +265,10 @@ def rules(args: argparse.Namespace) -> None:
     sample_uint8 = frames[torch.arange(0, len(frames), max(1, len(frames) // args.frames))]
     x, (mean_frame, background) = to_float(sample_uint8), reference_frames(sample_uint8)
     empty, everywhere = usually_empty(mean_frame, background), torch.ones_like(x[:1, :1])
-    for name, region, reach in (("usually empty, reach 2 (the default)", empty, 2),
-                                ("everywhere, reach 2", everywhere, 2),
-                                ("everywhere, reach 0", everywhere, 0)):
+    for name, region, reach in (
+            (f"usually empty, reach {CROWD_REACH_PX} (the default)", empty, CROWD_REACH_PX),
+            (f"everywhere, reach {CROWD_REACH_PX}", everywhere, CROWD_REACH_PX),
+            ("everywhere, reach 0", everywhere, 0)):
         small, _ = small_objects(x, background, region, crowd_reach_px=reach)
         by_row = small.sum(dim=(0, 1, 3)).long().tolist()
         print(f"{name}: {(small.flatten(1).amax(1) > 0).float().mean():.3f} of {len(x)} frames "
@@ -329,9 +330,9 @@ def main() -> None:
                         "(SpaceInvaders' missile among the invaders)")
     p.add_argument("--all_objects", action="store_true",
                    help="also the sum of every small object's waves (4 periods) and their count")
-    p.add_argument("--crowd_reach_px", type=int, nargs="+", default=[2],
+    p.add_argument("--crowd_reach_px", type=int, nargs="+", default=[CROWD_REACH_PX],
                    help="with --all_objects: how near a crowded pixel drops a small one in the "
-                        "code training would use (losses.small_objects; 2 = the 5x5 rule)")
+                        "code training would use (losses.small_objects; default: training's)")
     p.add_argument("--frequencies", type=int, nargs="+", default=[4, 16],
                    help="numbers of Fourier periods per axis, one code each")
     p.set_defaults(run=codes)
