@@ -9,13 +9,14 @@ the part that fusing the elementwise loss and optimizer work could win at most. 
 convolutions' own rate (their FLOPs over their self CPU time) against the matmul peak of the
 precision: the share of the peak a step would reach if everything else were free. ``--by_shape``
 splits the table by input shape (layer by layer); ``--compile`` also times the step, unprofiled,
-eager against the loss under ``torch.compile``.
+eager against the loss under ``torch.compile``, in ``--rounds`` interleaved pairs.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import time
 from collections.abc import Callable
 
@@ -45,6 +46,8 @@ def main() -> None:
                         help="one table row per operator and input shape: layer by layer")
     parser.add_argument("--compile", action="store_true",
                         help="also time the step with the loss under torch.compile, unprofiled")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --compile: interleaved eager/compiled timings")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -96,28 +99,36 @@ def main() -> None:
           f"of their own: {conv_rate:.0f} GFLOP/s, {conv_rate / peak:.0%} of the "
           f"{args.precision} matmul peak ({peak:.0f} GFLOP/s, {PEAK_MATMUL_N}x{PEAK_MATMUL_N})")
     if args.compile:
-        compare_compiled(step, loss, args.steps, cfg.batch_size)
+        compare_compiled(step, loss, args.steps, cfg.batch_size, args.rounds)
 
 
 def compare_compiled(step: Callable[..., None], loss: Callable[[], torch.Tensor], steps: int,
-                     batch_size: int) -> None:
+                     batch_size: int, rounds: int) -> None:
     """images/s of ``steps`` eager steps against the same with ``loss`` under torch.compile
-    (inductor), both unprofiled; the compile's own seconds printed apart."""
+    (inductor), unprofiled, in ``rounds`` interleaved pairs: a host whose speed drifts moves
+    both sides alike. The compile's own seconds are printed apart."""
     def rate(run: Callable[[], None]) -> float:
         started = time.perf_counter()
         for _ in range(steps):
             run()
         return steps * batch_size / (time.perf_counter() - started)
 
-    eager = rate(step)
     compiled = functools.partial(step, loss=torch.compile(loss))
     started = time.perf_counter()
     compiled()  # the compile
     compile_seconds = time.perf_counter() - started
     compiled()
-    print(f"unprofiled: eager {eager:.0f} images/s, loss under torch.compile "
-          f"{rate(compiled):.0f} images/s (compiled in {compile_seconds:.0f} s), eager again "
-          f"{rate(step):.0f} images/s")
+    pairs = []
+    for round_no in range(1, rounds + 1):
+        pairs.append((rate(step), rate(compiled)))
+        print(f"round {round_no}: eager {pairs[-1][0]:.0f} images/s, "
+              f"compiled {pairs[-1][1]:.0f} images/s")
+    eager_rates, compiled_rates = sorted(e for e, _ in pairs), sorted(c for _, c in pairs)
+    ratio = statistics.median(c / e for e, c in pairs)
+    print(f"unprofiled, {rounds} interleaved round(s) of {steps} steps: eager "
+          f"{eager_rates[0]:.0f}-{eager_rates[-1]:.0f} images/s, loss under torch.compile "
+          f"{compiled_rates[0]:.0f}-{compiled_rates[-1]:.0f} images/s (compiled in "
+          f"{compile_seconds:.0f} s), median ratio {ratio:.2f}x")
 
 
 if __name__ == "__main__":

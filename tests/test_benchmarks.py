@@ -116,14 +116,20 @@ def test_profile_step_splits_a_real_training_step_into_convolutions_and_the_rest
 def test_profile_step_splits_by_layer_and_times_the_step_eager_and_compiled(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--precision", "fp32",
-         "--threads", "1", "--steps", "1", "--by_shape", "--compile"], capture_output=True,
-        text=True, timeout=900, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+         "--threads", "1", "--steps", "1", "--by_shape", "--compile", "--rounds", "2"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-3000:]
     # --by_shape: the first layer's row has its own
     assert f"[{TrainConfig().batch_size}, 3, 64, 64]" in done.stdout
-    found = re.findall(r"eager (\d+) images/s, loss under torch.compile (\d+) images/s "
-                       r"\(compiled in (\d+) s\), eager again (\d+)", done.stdout)
-    assert found and all(int(v) > 0 for v in found[0][:2]), done.stdout[-2000:]
+    rounds = re.findall(r"round \d: eager (\d+) images/s, compiled (\d+) images/s", done.stdout)
+    assert len(rounds) == 2 and all(int(v) > 0 for pair in rounds for v in pair)
+    found = re.search(r"eager (\d+)-(\d+) images/s, loss under torch.compile (\d+)-(\d+) "
+                      r"images/s \(compiled in \d+ s\), median ratio (\d+\.\d+)x", done.stdout)
+    assert found, done.stdout[-2000:]
+    low, high = sorted(int(v) for v, _ in rounds), sorted(int(c) for _, c in rounds)
+    assert (int(found[1]), int(found[2])) == (low[0], low[1])  # the range of the rounds
+    assert (int(found[3]), int(found[4])) == (high[0], high[1])
 
 
 def test_probe_baselines_with_pixels_scores_the_raw_frames_beside_the_random_encoder(tmp_path):
