@@ -58,8 +58,7 @@ def main() -> None:
     refs = game_references(frames.frames_uint8, frames.game_ids, 1)
     model = train._build(cfg)
     model.init_output_bias(refs.backgrounds)
-    if dtype == torch.float32:
-        model = model.to(memory_format=torch.channels_last)  # as fit does
+    model = model.to(memory_format=torch.channels_last)  # as fit does on the CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
 
     def loss() -> torch.Tensor:
