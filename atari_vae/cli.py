@@ -23,7 +23,7 @@ from atari_vae.config import (
     TuneConfig,
     fields_of,
 )
-from atari_vae.errors import AtariVaeError
+from atari_vae.errors import AtariVaeError, interrupted
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 # A full disk or quota, a file over the size limit, a read-only file system: the user's to fix.
@@ -86,7 +86,9 @@ def friendly_errors(func: Callable) -> Callable:
                        f"or choose another --output_dir (the MLflow run is marked FAILED)",
                        err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
+        except BaseException as exc:
+            if not interrupted(exc):
+                raise
             click.echo("Interrupted; the MLflow run is marked KILLED. Resume with --resume.",
                        err=True)
             sys.exit(130)

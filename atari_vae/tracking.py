@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from atari_vae.errors import AtariVaeError
+from atari_vae.errors import AtariVaeError, interrupted
 from atari_vae.outbox import Outbox, describe_missing, retry_while_unreachable
 
 log = logging.getLogger(__name__)
@@ -214,11 +214,8 @@ def tracked_run(run_name: str | None = None, tags: dict[str, Any] | None = None,
         tags={k: str(v) for k, v in (tags or {}).items()}))
     try:
         yield run
-    except (KeyboardInterrupt, SystemExit):
-        _end(mlflow, "KILLED")
-        raise
-    except BaseException:
-        _end(mlflow, "FAILED")
+    except BaseException as exc:
+        _end(mlflow, "KILLED" if isinstance(exc, SystemExit) or interrupted(exc) else "FAILED")
         raise
     else:
         _end(mlflow, "FINISHED")
