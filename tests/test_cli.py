@@ -233,9 +233,20 @@ def test_an_empty_frame_store_is_collected_again_instead_of_aborting_the_run(
     assert FrameStore.open(store, key).complete
 
 
-def test_an_interrupt_that_surfaces_as_another_error_ends_the_run_killed_with_exit_130():
-    # A SIGTERM that lands while matplotlib initialises its Agg backend reaches the command as
-    # "ImportError: initialization failed", caused by the KeyboardInterrupt the handler raised.
+
+def _import_error(cause: BaseException | None) -> ImportError:
+    exc = ImportError("initialization failed")
+    exc.__cause__ = cause
+    return exc
+
+
+# A SIGTERM that lands while matplotlib initialises its Agg backend reaches the command as
+# "ImportError: initialization failed", caused by the KeyboardInterrupt the handler raised.
+@pytest.mark.parametrize("raised, exit_code, status", [
+    (_import_error(KeyboardInterrupt("signal 15")), 130, "KILLED"),
+    (_import_error(None), 1, "FAILED")], ids=["caused-by-an-interrupt", "a-real-import-error"])
+def test_an_interrupt_behind_another_error_ends_the_run_killed_and_any_other_failed(
+        raised, exit_code, status):
     from mlflow import MlflowClient
 
     from atari_vae import tracking
@@ -244,34 +255,17 @@ def test_an_interrupt_that_surfaces_as_another_error_ends_the_run_killed_with_ex
 
     @click.command()
     @cli.friendly_errors
-    def plots_when_killed() -> None:
+    def plots() -> None:
         tracking.configure("interrupts")
-        with tracking.tracked_run("killed-in-an-import") as run:
+        with tracking.tracked_run("plots") as run:
             run_ids.append(run.info.run_id)
-            raise ImportError("initialization failed") from KeyboardInterrupt("signal 15")
+            raise raised
 
-    result = CliRunner().invoke(plots_when_killed, [])
-    assert result.exit_code == 130
-    assert result.stderr.strip() == ("Interrupted; the MLflow run is marked KILLED. "
-                                     "Resume with --resume.")
-    assert MlflowClient().get_run(run_ids[0]).info.status == "KILLED"
-
-
-def test_an_error_that_no_interrupt_caused_still_fails_the_run():
-    from mlflow import MlflowClient
-
-    from atari_vae import tracking
-
-    run_ids = []
-
-    @click.command()
-    @cli.friendly_errors
-    def breaks() -> None:
-        tracking.configure("failures")
-        with tracking.tracked_run("a-real-import-error") as run:
-            run_ids.append(run.info.run_id)
-            raise ImportError("no module named nowhere")
-
-    result = CliRunner().invoke(breaks, [])
-    assert result.exit_code == 1 and isinstance(result.exception, ImportError)
-    assert MlflowClient().get_run(run_ids[0]).info.status == "FAILED"
+    result = CliRunner().invoke(plots, [])
+    assert result.exit_code == exit_code
+    assert MlflowClient().get_run(run_ids[0]).info.status == status
+    if status == "KILLED":
+        assert result.stderr.strip() == ("Interrupted; the MLflow run is marked KILLED. "
+                                         "Resume with --resume.")
+    else:
+        assert result.exception is raised  # raised on: a traceback for a real bug
