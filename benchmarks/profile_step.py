@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --compile: interleaved eager/compiled timings")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
