@@ -10,7 +10,7 @@ from atari_vae.errors import interrupted
 def _caught(raise_it) -> BaseException:
     try:
         raise_it()
-    except BaseException as exc:  # noqa: BLE001 - the test inspects whatever was raised
+    except BaseException as exc:  # the test inspects whatever was raised
         return exc
     raise AssertionError("nothing was raised")
 
@@ -29,6 +29,14 @@ def _error_while_handling_an_interrupt() -> None:
         raise OSError("flush failed") from None  # no cause, but still the interrupt's context
 
 
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def _plain_import_error() -> None:
+    raise ImportError("plain")
+
+
 def _error_while_handling_an_error() -> None:
     try:
         raise ValueError("first")
@@ -39,9 +47,9 @@ def _error_while_handling_an_error() -> None:
 @pytest.mark.parametrize("raise_it, expected", [
     (_import_interrupted_by_a_signal, True),
     (_error_while_handling_an_interrupt, True),
-    (lambda: (_ for _ in ()).throw(KeyboardInterrupt()), True),
+    (_interrupt, True),
     (_error_while_handling_an_error, False),
-    (lambda: (_ for _ in ()).throw(ImportError("plain")), False),
+    (_plain_import_error, False),
 ])
 def test_an_interrupt_is_recognised_behind_the_exception_it_caused(raise_it, expected):
     assert interrupted(_caught(raise_it)) is expected
