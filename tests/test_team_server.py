@@ -105,6 +105,15 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 900) -> floa
     return time.monotonic()
 
 
+def wait_for_output(text: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Wait until ``proc``'s output says ``text`` while it runs."""
+    deadline = time.monotonic() + timeout_s
+    while text not in proc.log_path.read_text():
+        assert proc.poll() is None, output(proc)
+        assert time.monotonic() < deadline, f"never said {text!r}: {output(proc)}"
+        time.sleep(0.2)
+
+
 def test_training_goes_on_through_a_server_crash_and_logs_every_epoch(on_server, tmp_path):
     out = tmp_path / "out"
     flags = tiny_train_flags(out, epochs=EPOCHS, checkpoint_freq=1)
@@ -114,6 +123,9 @@ def test_training_goes_on_through_a_server_crash_and_logs_every_epoch(on_server,
     down_at = wait_for(out / "checkpoint_epoch_2.pt", job)
     on_server.kill()
     wait_for(out / "checkpoint_epoch_4.pt", job)  # training went on without the server
+    # MLflow's own HTTP retries (a few seconds) outlast a fast restart, so the server stays
+    # down until the job has seen the outage and held points back.
+    wait_for_output("tracking store unreachable", job)
     on_server.start()
     back_at = time.monotonic()
     finish(job)
