@@ -47,9 +47,10 @@ def latest_checkpoint(out: Path) -> Path | None:
 # Flags a resumed run must share with the checkpoint: they fix the frames, split, model, loss
 # and optimiser. --precision is compared as resolved (bf16 or fp32); --epochs may grow.
 RESUME_MUST_MATCH = ("env_name", "num_episodes", "max_steps", "seed", "val_split", "latent_dim",
-                     "base_channels", "batch_size", "lr", "kl_weight", "fg_weight", "obj_weight",
-                     "loc_weight", "coord_weight", "fourier_weight", "mask_weight", "free_bits",
-                     "decoder", "collect_policy", "policy_mix", "object_oversample")
+                     "base_channels", "batch_size", "lr", "weight_decay", "kl_weight",
+                     "fg_weight", "obj_weight", "loc_weight", "coord_weight", "fourier_weight",
+                     "mask_weight", "free_bits", "decoder", "collect_policy", "policy_mix",
+                     "object_oversample")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 # A checkpoint that predates a flag trained as these say: loss terms off, the 32-256 wide net.
 BEFORE_THEY_EXISTED = {"obj_weight": 0.0, "loc_weight": 0.0, "coord_weight": 0.0,

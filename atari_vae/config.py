@@ -76,6 +76,9 @@ class TrainConfig(DataConfig):
         "passes over the training frames.")
     lr: float = flag(
         4e-3, "Adam learning rate: linear warm-up over the first epoch, then cosine decay to 5%.")
+    weight_decay: float = flag(
+        0.0, "Decoupled weight decay (AdamW): each step shrinks every weight matrix and kernel "
+        "by lr * weight_decay (biases untouched); 0 = plain Adam.")
     val_split: float = flag(0.1, "Share of episodes held out for validation, in (0, 1).")
     kl_weight: float = flag(
         0.1,
@@ -154,8 +157,8 @@ class TrainConfig(DataConfig):
                        "checkpoint_freq")
         check.non_negative(self, "epochs")
         check.positive(self, "lr", "fg_weight", "object_oversample")
-        check.non_negative(self, "kl_weight", "free_bits", "obj_weight", "loc_weight",
-                           "coord_weight", "fourier_weight", "mask_weight")
+        check.non_negative(self, "weight_decay", "kl_weight", "free_bits", "obj_weight",
+                           "loc_weight", "coord_weight", "fourier_weight", "mask_weight")
         if not 0.0 < self.val_split < 1.0:
             raise ConfigError(f"--val_split must be in (0, 1), got {self.val_split}")
         if self.num_episodes < 2:

@@ -117,6 +117,7 @@ BAD_TRAIN_INPUT = [
     (dict(val_split=1.5), "--val_split must be in (0, 1)"),
     (dict(lr=-0.001), "--lr must be positive"),
     (dict(kl_weight=-1), "--kl_weight must be zero or positive"),
+    (dict(weight_decay=-0.1), "--weight_decay must be zero or positive"),
     (dict(device="cuda"), "--device cuda: CUDA is not available"),
     (dict(device="cuda:1"), "--device cuda:1: CUDA is not available"),
     (dict(device="tpu"), "--device must be one of"),

@@ -286,7 +286,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory, frame_cache: Path) -> dic
 
 @pytest.mark.parametrize("flag, value, saved", [
     ("kl_weight", 0.5, 0.1), ("fg_weight", 1.0, 30.0), ("free_bits", 0.5, 0.0),
-    ("lr", 0.001, 0.004), ("precision", "bf16", "fp32"), ("epochs", 1, 2)])
+    ("lr", 0.001, 0.004), ("weight_decay", 0.01, 0.0), ("precision", "bf16", "fp32"),
+    ("epochs", 1, 2)])
 def test_resume_refuses_each_flag_that_changes_the_result_naming_it(finished, flag, value,
                                                                     saved):
     out = Path(str(finished["output_dir"]))
@@ -305,11 +306,13 @@ def test_a_checkpoint_older_than_base_channels_was_trained_32_wide():
     assert resume_mismatch(ckpt, TrainConfig(base_channels=32), "t") is None
 
 
-def test_a_checkpoint_older_than_object_oversample_drew_every_frame_once_a_pass():
-    saved = {k: v for k, v in asdict(TrainConfig()).items() if k != "object_oversample"}
+@pytest.mark.parametrize("flag, value", [("object_oversample", 3.0), ("weight_decay", 0.01)])
+def test_a_checkpoint_older_than_a_training_flag_trained_at_its_default(flag, value):
+    saved = {k: v for k, v in asdict(TrainConfig()).items() if k != flag}
     ckpt = {"run_token": "t", "config": saved}
-    assert "--object_oversample 1.0, not 3.0" in resume_mismatch(
-        ckpt, TrainConfig(object_oversample=3.0), "t")
+    default = getattr(TrainConfig, flag)
+    assert f"--{flag} {default}, not {value}" in resume_mismatch(
+        ckpt, TrainConfig(**{flag: value}), "t")
     assert resume_mismatch(ckpt, TrainConfig(), "t") is None
 
 

@@ -301,6 +301,21 @@ def test_each_pass_draws_its_order_with_the_object_weights_only_when_oversamplin
                    for w in given)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_weight_decay_shrinks_the_weights_by_lr_times_it_and_never_a_bias(weight_decay):
+    from atari_vae.train import _build, _optimizer
+
+    cfg = TrainConfig(latent_dim=8, lr=0.1, weight_decay=weight_decay)
+    model = _build(cfg)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's own step is zero: only the decay moves a weight
+    _optimizer(model, cfg, torch.device("cpu")).step()
+    for name, p in model.named_parameters():
+        shrink = 1 - 0.1 * weight_decay if name.endswith(".weight") else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * shrink, msg=name)
+
+
 def _val_recon(model: VAE, frames, cfg: TrainConfig) -> float:
     from atari_vae.train import _loss_terms
 
