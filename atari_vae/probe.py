@@ -339,18 +339,23 @@ def format_probe_table(reports: dict[str, ProbeReport]) -> str:
         lines.append(f"{game}: {r.n_frames['train']} probe-train / {r.n_frames['val']} val / "
                      f"{r.n_frames['test']} test frames; dropped (< {ENTROPY_THRESHOLD} nats): "
                      f"{', '.join(r.dropped) or 'none'}")
-        lines.append(f"{'variable':<26}{'nats':>6}" + "".join(f"{'F1 ' + s:>16}" for s in sources)
-                     + "".join(f"{title:>22}" for title, _ in r2_columns))
+        # a column is at least 16 wide, and wide enough that its title never runs into the next
+        w = {s: max(16, len(s) + 5) for s in sources}
+        v = {title: max(22, len(title) + 2) for title, _ in r2_columns}
+        lines.append(f"{'variable':<26}{'nats':>6}" + "".join(f"{'F1 ' + s:>{w[s]}}"
+                                                             for s in sources)
+                     + "".join(f"{title:>{v[title]}}" for title, _ in r2_columns))
         for name in r.variables:
             row = f"{name:<26}{r.entropy[name]:>6.2f}"
-            row += "".join(f"{r.f1[s][name]:>16.3f}" for s in sources)
-            row += "".join(f"{r2[name]:>22.3f}" if name in r2 else f"{'':>22}"
-                           for _, r2 in r2_columns)
+            row += "".join(f"{r.f1[s][name]:>{w[s]}.3f}" for s in sources)
+            row += "".join(f"{r2[name]:>{v[title]}.3f}" if name in r2 else " " * v[title]
+                           for title, r2 in r2_columns)
             lines.append(row)
         for category in CATEGORIES:
             if sources and category in r.categories[sources[0]]:
                 lines.append(f"{'  ' + category:<32}" + "".join(
-                    f"{r.categories[s][category]:>16.3f}" for s in sources))
-        lines.append(f"{'game score':<32}" + "".join(f"{r.score[s]:>16.3f}" for s in sources))
+                    f"{r.categories[s][category]:>{w[s]}.3f}" for s in sources))
+        lines.append(f"{'game score':<32}" + "".join(f"{r.score[s]:>{w[s]}.3f}"
+                                                      for s in sources))
         lines.append("")
     return "\n".join(lines)

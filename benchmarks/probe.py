@@ -130,14 +130,22 @@ def _evaluates_probe_frames(game_name: str, n_frames: int) -> tuple[Game, ProbeF
 def baselines(args: argparse.Namespace) -> None:
     """The probe's reference rows for a game without a trained model: random init, majority."""
     game, (labelled, names, masks), seed = _evaluates_probe_frames(args.game, args.frames)
-    encoder = random_init_like(VAE(latent_dim=args.latent_dim,
-                                   base_channels=args.base_channels), seed)
-    features = {"random_init": encoder_means(encoder, labelled.frames_uint8)}
+    shape = VAE(latent_dim=args.latent_dim, base_channels=args.base_channels)
+    # Draw k is seeded seed + k; draw 0 is the one evaluate reports beside a model.
+    draws = {f"random_init{f'+{k}' if k else ''}": random_init_like(shape, seed + k)
+             for k in range(args.init_draws)}
+    features = {name: encoder_means(encoder, labelled.frames_uint8)
+                for name, encoder in draws.items()}
     if args.pixels:
         features["pixels"] = labelled.frames_uint8.reshape(len(labelled.frames_uint8), -1)
     report = probe_sources(features, labelled.labels(names), list(names), masks,
                            ProbeSettings(seed=seed))
     print(format_probe_table({game.title: report}))
+    if args.init_draws > 1:
+        scores = np.array([report.score[name] for name in draws])
+        print(f"random-init game score over {len(scores)} draws (init seeds {seed}-"
+              f"{seed + len(scores) - 1}): min {scores.min():.3f}, median "
+              f"{np.median(scores):.3f}, max {scores.max():.3f}, mean {scores.mean():.3f}")
 
 
 def budget(args: argparse.Namespace) -> None:
@@ -312,6 +320,9 @@ def main() -> None:
     p.add_argument("--base_channels", type=int, default=TrainConfig().base_channels,
                    help="the random-init encoder's width (32: the net before 2026-11-30)")
     p.add_argument("--pixels", action="store_true", help="also probe the raw 64x64 RGB pixels")
+    p.add_argument("--init_draws", type=int, default=1,
+                   help="random-init encoders to probe, seeded seed, seed+1, ...: the spread "
+                        "of the control a trained model is compared with")
     p.set_defaults(run=baselines)
     p = sub.add_parser("budget", help="a model's probe at the protocol's budget and a longer one")
     p.add_argument("--game", default="Breakout")
@@ -346,6 +357,8 @@ def main() -> None:
     p.add_argument("folders", nargs="+")
     p.set_defaults(run=table)
     args = parser.parse_args()
+    if getattr(args, "init_draws", 1) < 1:
+        parser.error(f"--init_draws must be at least 1, got {args.init_draws}")
     args.run(args)
 
 

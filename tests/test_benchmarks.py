@@ -135,16 +135,33 @@ def test_profile_step_splits_by_layer_and_times_the_step_eager_and_compiled(tmp_
 def test_probe_baselines_with_pixels_scores_the_raw_frames_beside_the_random_encoder(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "probe.py"), "baselines", "--game", "Breakout",
-         "--frames", "1500", "--pixels"], capture_output=True, text=True, timeout=600,
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO),
-                           "ATARI_VAE_CACHE_DIR": str(tmp_path / "cache")})
+         "--frames", "1500", "--pixels", "--init_draws", "2"], capture_output=True, text=True,
+        timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO),
+                                        "ATARI_VAE_CACHE_DIR": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-3000:]
     header = next(line for line in done.stdout.splitlines() if line.startswith("variable"))
-    assert header.split()[3:8:2] == ["majority", "random_init", "pixels"]
+    assert header.split()[3:10:2] == ["majority", "random_init", "random_init+1", "pixels"]
     scores = [float(v) for v in next(line for line in done.stdout.splitlines()
                                      if line.startswith("game score")).split()[2:]]
-    assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores)
-    assert scores[2] > scores[0]  # the frames say more than the most common value
+    assert len(scores) == 4 and all(0.0 <= s <= 1.0 for s in scores)
+    assert scores[3] > scores[0]  # the frames say more than the most common value
+    spread = re.search(r"random-init game score over 2 draws \(init seeds (\d+)-(\d+)\): min "
+                       r"([\d.]+), median ([\d.]+), max ([\d.]+), mean ([\d.]+)", done.stdout)
+    assert spread and int(spread[2]) == int(spread[1]) + 1, done.stdout[-2000:]
+    draws = sorted(scores[1:3])
+    assert [float(spread[i]) for i in (3, 5)] == pytest.approx(draws, abs=1e-3)
+    assert float(spread[4]) == pytest.approx(sum(draws) / 2, abs=1e-3)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("profile_step.py", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
+    ("probe.py", ["baselines", "--init_draws", "0"], "--init_draws must be at least 1, got 0")])
+def test_a_count_below_one_is_refused_in_one_line(script, args, message):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(message)
 
 
 def test_probe_budget_scores_one_model_on_one_split_at_evaluates_budget_and_a_longer_one(
