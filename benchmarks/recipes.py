@@ -8,7 +8,8 @@ A recipe's run is ``train`` (wall time, collection and MLflow included), then ``
 fresh episodes of seed 10000 (with the state probe) and of seed 20000 (pixels only). Recipes
 run ``--parallel`` at a time (on a GPU machine; on 2 cores keep 1, the wall times are the
 figure), each with its share of the CPU threads; none starts after ``--deadline`` seconds.
-Prints a markdown table and writes ``<out>/results.json``.
+Prints a markdown table and writes ``<out>/results.json``. ``--seeds 42,43,44`` runs each
+recipe once per collection seed and prints each recipe's game-score spread over them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 from atari_vae.config import TrainConfig
 
@@ -115,6 +118,38 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def with_seeds(recipes: list[tuple[str, str]], seeds: list[int]) -> list[tuple[str, str]]:
+    """Each recipe once per collection seed, as ``<name>_s<seed>`` with ``--seed <seed>``."""
+    return [(f"{name}_s{seed}", f"{flags} --seed {seed}".strip())
+            for name, flags in recipes for seed in seeds] if seeds else recipes
+
+
+def spread(results: list[dict], recipes: list[tuple[str, str]], seeds: list[int]) -> str:
+    """Per recipe, its game score and fg accuracy (seed 10000's episodes) over the seeds: one
+    modest-budget run moves by a few hundredths with the seed, so compare these instead."""
+    lines = []
+    for name, _ in recipes:
+        runs = [r[EVAL_SEEDS[0]] for r in results
+                if r["recipe"] in {f"{name}_s{seed}" for seed in seeds} and "error" not in r]
+        scores = np.array([run.get("probe_score", np.nan) for run in runs])
+        fg = np.array([run["fg_accuracy"] for run in runs])
+        if len(runs):
+            lines.append(f"{name} over {len(runs)} of seeds {' '.join(map(str, seeds))}: game "
+                         f"score min {scores.min():.3f}, median {np.median(scores):.3f}, max "
+                         f"{scores.max():.3f}, mean {scores.mean():.3f}; fg accuracy mean "
+                         f"{fg.mean():.3f}")
+    return "\n".join(lines)
+
+
+def _seed_list(text: str) -> list[int]:
+    """``"42,43,44"`` -> [42, 43, 44] (comma-separated, so the recipes after it stay recipes)."""
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"want comma-separated integers such as 42,43,44, got {text!r}") from None
+
+
 def _flag(flags: str, name: str, default: int) -> int:
     parts = shlex.split(flags)
     return int(parts[parts.index(name) + 1]) if name in parts else default
@@ -131,8 +166,13 @@ def main() -> None:
                         help="start no recipe after this many seconds")
     parser.add_argument("--eval_flags", default="", help="extra flags for atari-vae evaluate")
     parser.add_argument("--out", default="outputs/recipes")
+    parser.add_argument("--seeds", type=_seed_list, default=[],
+                        help="comma-separated collection seeds (42,43,44): run each recipe once "
+                             "per seed (--seed) and print the spread of its game score")
     args = parser.parse_args()
     recipes = [r.partition("=")[::2] for r in args.recipes]
+    if args.seeds and any("--seed" in shlex.split(flags) for _, flags in recipes):
+        parser.error("--seeds sets each run's --seed; leave --seed out of the recipes")
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     started = time.perf_counter()
 
@@ -144,11 +184,13 @@ def main() -> None:
         return result
 
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(one, recipes))
+        results = list(pool.map(one, with_seeds(recipes, args.seeds)))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
     print(f"{args.game} on {args.device}, precision {args.precision}, {args.parallel} at a time")
     print(table(results))
+    if args.seeds:
+        print(spread(results, recipes, args.seeds))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,41 @@ def test_recipes_trains_scores_both_seeds_and_tabulates_each_recipe(tmp_path):
     assert "| tiny | " in done.stdout
 
 
+def test_recipes_over_seeds_runs_each_recipe_per_seed_and_prints_its_spread(tmp_path):
+    out = tmp_path / "recipes"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "recipes.py"), "--device", "cpu",
+         "--out", str(out), "--eval_flags", "--num_samples 40 --max_steps 60 --probe_frames 1200",
+         "--seeds", "42,43",
+         "tiny=--num_episodes 3 --max_steps 60 --epochs 1 --batch_size 32 --latent_dim 8"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI":
+             f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["recipe"] for r in results] == ["tiny_s42", "tiny_s43"]
+    assert [r["flags"].split()[-2:] for r in results] == [["--seed", "42"], ["--seed", "43"]]
+    scores = sorted(r["10000"]["probe_score"] for r in results)
+    found = re.search(r"tiny over 2 of seeds 42 43: game score min ([\d.]+), median ([\d.]+), "
+                      r"max ([\d.]+), mean ([\d.]+); fg accuracy mean ([\d.]+)", done.stdout)
+    assert found, done.stdout[-2000:]
+    assert [float(found[i]) for i in (1, 3)] == pytest.approx(scores, abs=1e-3)
+    assert float(found[2]) == pytest.approx(sum(scores) / 2, abs=1e-3)
+    assert float(found[5]) == pytest.approx(
+        sum(r["10000"]["fg_accuracy"] for r in results) / 2, abs=1e-3)
+
+
+def test_recipes_over_seeds_refuses_a_recipe_that_sets_its_own_seed(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "recipes.py"), "--seeds", "42,43",
+         "s=--seed 7"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "--seeds sets each run's --seed; leave --seed out of the recipes")
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_gpu_check_script_trains_scores_both_seeds_and_prints_its_summary(tmp_path):
     """benchmarks/gpu.sh waits for a GPU machine; its CPU dry run keeps it from rotting."""
     done = subprocess.run(
