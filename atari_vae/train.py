@@ -108,12 +108,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
                            len(train_set.games)).to(device)
     background = (refs.backgrounds if len(train_set.games) == 1
                   else median_background(train_set.frames_uint8).to(device))
-    model = _build(cfg).to(device)
-    if device.type == "cpu":
-        # channels_last against contiguous weights, bench.py's train section on 2 threads:
-        # bf16 +7-16 % on Intel Xeons with AMX, level on AMD Zen 4/5; fp32 +9 % on a Zen 1,
-        # level on the other AMD CPUs, slower only on the Xeons' capped AVX2 path.
-        model = model.to(memory_format=torch.channels_last)
+    model = _placed(_build(cfg), device)
     model.init_output_bias(background)
     if model.mask is not None:
         model.init_mask_bias(foreground_rate(frames, refs.backgrounds, game_ids))
@@ -169,6 +164,18 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
                 hooks.on_checkpoint(epoch, files)
     bar.close()
     return _finish(out, model, state, cfg, val, refs, device)
+
+
+def _placed(model: VAE, device: torch.device) -> VAE:
+    """``model`` on ``device``, its weights channels_last on a CPU."""
+    model = model.to(device)
+    if device.type == "cpu":
+        # channels_last against contiguous weights, bench.py's train section on 2 threads:
+        # bf16 +7-16 % on Intel Xeons with AMX (Breakout's passes 18 % shorter on one), level
+        # on AMD Zen 4/5; fp32 +9 % on a Zen 1, level on the other AMD CPUs, slower only on
+        # the Xeons' capped AVX2 path.
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _optimizer(model: VAE, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

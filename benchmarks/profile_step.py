@@ -58,10 +58,10 @@ def main() -> None:
     frames = load_or_collect(resolve_game("Breakout"), 20, 1000, 42, progress=False)
     x = to_float(frames.frames_uint8[:cfg.batch_size])
     refs = game_references(frames.frames_uint8, frames.game_ids, 1)
-    model = train._build(cfg)
+    cpu = torch.device("cpu")
+    model = train._placed(train._build(cfg), cpu)  # as fit builds, lays out and steps it
     model.init_output_bias(refs.backgrounds)
-    model = model.to(memory_format=torch.channels_last)  # as fit does on the CPU
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    optimizer = train._optimizer(model, cfg, cpu)
 
     def loss() -> torch.Tensor:
         return train._loss_terms(model, x, refs.means, refs.backgrounds, cfg, dtype)[0].total
