@@ -7,52 +7,33 @@ import pytest
 from atari_vae.errors import interrupted
 
 
-def _caught(raise_it) -> BaseException:
+def _raised(first: BaseException, then: BaseException | None, *,
+            as_cause: bool = True) -> BaseException:
+    """What surfaces when ``then`` is raised while ``first`` is handled (``from first``, or only
+    in its context with ``as_cause=False``); ``first`` itself when ``then`` is None."""
     try:
-        raise_it()
-    except BaseException as exc:  # the test inspects whatever was raised
-        return exc
-    raise AssertionError("nothing was raised")
+        try:
+            raise first
+        except BaseException as exc:
+            if then is None:
+                raise
+            raise then from (exc if as_cause else None)
+    except BaseException as surfaced:  # the test inspects whatever surfaced
+        return surfaced
 
 
-def _import_interrupted_by_a_signal() -> None:
-    try:
-        raise KeyboardInterrupt("signal 15")
-    except KeyboardInterrupt as exc:
-        raise ImportError("initialization failed") from exc
-
-
-def _error_while_handling_an_interrupt() -> None:
-    try:
-        raise KeyboardInterrupt("signal 1")
-    except KeyboardInterrupt:
-        raise OSError("flush failed") from None  # no cause, but still the interrupt's context
-
-
-def _interrupt() -> None:
-    raise KeyboardInterrupt
-
-
-def _plain_import_error() -> None:
-    raise ImportError("plain")
-
-
-def _error_while_handling_an_error() -> None:
-    try:
-        raise ValueError("first")
-    except ValueError as exc:
-        raise ImportError("second") from exc
-
-
-@pytest.mark.parametrize("raise_it, expected", [
-    (_import_interrupted_by_a_signal, True),
-    (_error_while_handling_an_interrupt, True),
-    (_interrupt, True),
-    (_error_while_handling_an_error, False),
-    (_plain_import_error, False),
-])
-def test_an_interrupt_is_recognised_behind_the_exception_it_caused(raise_it, expected):
-    assert interrupted(_caught(raise_it)) is expected
+@pytest.mark.parametrize("first, then, as_cause, expected", [
+    (KeyboardInterrupt("signal 15"), ImportError("initialization failed"), True, True),
+    # no cause, but still the interrupt's context
+    (KeyboardInterrupt("signal 1"), OSError("flush failed"), False, True),
+    (KeyboardInterrupt(), None, True, True),
+    (ValueError("first"), ImportError("second"), True, False),
+    (ImportError("plain"), None, True, False),
+], ids=["import-interrupted-by-a-signal", "error-while-handling-an-interrupt", "interrupt",
+        "error-while-handling-an-error", "plain-import-error"])
+def test_an_interrupt_is_recognised_behind_the_exception_it_caused(first, then, as_cause,
+                                                                   expected):
+    assert interrupted(_raised(first, then, as_cause=as_cause)) is expected
 
 
 def test_a_cyclic_exception_chain_ends_the_search():

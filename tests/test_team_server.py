@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -95,23 +95,26 @@ def on_server(team_server: TeamServer, monkeypatch: pytest.MonkeyPatch) -> TeamS
     return team_server
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 900) -> float:
-    """Wait until ``path`` exists while ``proc`` runs; the monotonic time it appeared."""
+def _wait_until(done: Callable[[], bool], proc: subprocess.Popen, timeout_s: float,
+                never: Callable[[], str]) -> float:
+    """Wait until ``done()`` while ``proc`` runs; the monotonic time it came true."""
     deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert proc.poll() is None or path.exists(), output(proc)
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
+    while not done():
+        assert proc.poll() is None or done(), output(proc)
+        assert time.monotonic() < deadline, never()
         time.sleep(0.2)
     return time.monotonic()
 
 
+def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 900) -> float:
+    """Wait until ``path`` exists while ``proc`` runs; the monotonic time it appeared."""
+    return _wait_until(path.exists, proc, timeout_s, lambda: f"{path.name} never appeared")
+
+
 def wait_for_output(text: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
     """Wait until ``proc``'s output says ``text`` while it runs."""
-    deadline = time.monotonic() + timeout_s
-    while text not in proc.log_path.read_text():
-        assert proc.poll() is None, output(proc)
-        assert time.monotonic() < deadline, f"never said {text!r}: {output(proc)}"
-        time.sleep(0.2)
+    _wait_until(lambda: text in proc.log_path.read_text(), proc, timeout_s,
+                lambda: f"never said {text!r}: {output(proc)}")
 
 
 def test_training_goes_on_through_a_server_crash_and_logs_every_epoch(on_server, tmp_path):
