@@ -75,7 +75,8 @@ class TrainConfig(DataConfig):
         8000, "With --epochs 0: optimizer steps the run is sized for, rounded up to whole "
         "passes over the training frames.")
     lr: float = flag(
-        4e-3, "Adam learning rate: linear warm-up over the first epoch, then cosine decay to 5%.")
+        4e-3, "Adam learning rate: linear warm-up over the first epoch (at most a tenth of the "
+        "run), then cosine decay to 5%.")
     weight_decay: float = flag(
         0.0, "Decoupled weight decay (AdamW): each step shrinks every weight matrix and kernel "
         "by lr * weight_decay (biases untouched); 0 = plain Adam.")
