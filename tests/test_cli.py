@@ -219,9 +219,8 @@ def test_an_empty_frame_store_is_collected_again_instead_of_aborting_the_run(
         tmp_path, monkeypatch, caplog):
     # Zero-byte files, as a full disk leaves them; an empty .npz once ended runs in "Aborted!".
     monkeypatch.setenv("ATARI_VAE_CACHE_DIR", str(tmp_path / "cache"))
-    flags = tiny_train_flags(tmp_path / "out", epochs=1)
-    assert (flags["num_episodes"], flags["max_steps"]) == (3, 60)
-    key = cache_key(resolve_game("Breakout"), 3, 60, 42)
+    cfg = TrainConfig(**tiny_train_flags(tmp_path / "out", epochs=1))  # what the run collects
+    key = cache_key(resolve_game(cfg.env_name), cfg.num_episodes, cfg.max_steps, cfg.seed)
     store = cache_dir() / key
     store.mkdir(parents=True)
     for name in (INDEX_FILE, FRAMES_FILE):

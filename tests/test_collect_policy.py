@@ -95,8 +95,9 @@ def test_train_job_collects_with_the_controller_and_records_the_mix(controller, 
     (dict(policy_mix=1.5), "--policy_mix"),
 ])
 def test_bad_collect_policy_flags_are_refused_in_one_line(flags, fragment):
-    with pytest.raises(ConfigError, match=fragment):
+    with pytest.raises(ConfigError, match=fragment) as err:
         TrainConfig(**flags).validate()
+    assert "\n" not in str(err.value)
 
 
 def test_a_missing_controller_says_how_to_make_one(champion_vae):

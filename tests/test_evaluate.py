@@ -18,6 +18,7 @@ from atari_vae.config import EvaluateConfig, TrainConfig
 from atari_vae.envs import resolve_game
 from atari_vae.evaluate import (
     FIGURES,
+    REFERENCE_SEED_OFFSET,
     SCORED_FRAMES_PER_EPISODE,
     evaluate_job,
     evenly_spaced,
@@ -153,12 +154,16 @@ def test_bad_model_path_gives_one_line_error_and_no_run(tmp_path, caplog, model_
     assert not (tmp_path / "eval").exists()  # nothing written for a model that cannot load
 
 
-def test_fresh_frames_are_deterministic_enough_and_independent_of_the_reference_seed():
+def test_fresh_frames_are_the_same_when_collected_again_and_differ_at_the_reference_seed(
+        tmp_path, monkeypatch):
     game = resolve_game("Breakout")
     # 4 episodes of at most 30 frames cannot give 150 frames: the episode count must grow.
     frames = fresh_frames(game, 150, 30, seed=123, progress=False)
+    # Played again from nothing (an empty frame cache), not read back from the first's.
+    monkeypatch.setenv("ATARI_VAE_CACHE_DIR", str(tmp_path / "empty-cache"))
     again = fresh_frames(game, 150, 30, seed=123, progress=False)
-    other = fresh_frames(game, 150, 30, seed=124, progress=False)
+    assert (tmp_path / "empty-cache").is_dir()
+    other = fresh_frames(game, 150, 30, seed=123 + REFERENCE_SEED_OFFSET, progress=False)
     assert len(frames) >= 150
     assert torch.equal(frames.frames_uint8, again.frames_uint8)
     picked = evenly_spaced(frames, 150)

@@ -31,7 +31,6 @@ def frames() -> torch.Tensor:
 
 def test_encode_decode_and_forward_shapes(frames):
     vae = VAE(input_shape=(3, 64, 64), latent_dim=32)
-    assert vae.latent_dim == 32
     mu, logvar = vae.encode(frames)
     assert mu.shape == logvar.shape == (4, 32)
     assert vae.decode(mu).shape == (4, 3, 64, 64)
@@ -191,10 +190,17 @@ def trained_output(tmp_path: Path) -> Path:
     return tmp_path / "outputs" / "vae_training"
 
 
+def _readme_load_block() -> str:
+    """The README's python block after "The `.pt` files load with `weights_only=True`"."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    after = readme.split("The `.pt` files load with `weights_only=True`:", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
 def test_the_documented_load_line_works_verbatim_on_a_trained_output(trained_output):
-    state = torch.load("outputs/vae_training/best_model.pt", weights_only=True)
-    vae = vae_for(state)  # the VAE's shape: latent size, decoder, locator
-    vae.load_state_dict(state)
+    namespace: dict = {}
+    exec(_readme_load_block(), namespace)  # the README's lines, as a user pastes them
+    vae = namespace["vae"]
     loaded = registry.load_model(str(trained_output / "checkpoint_epoch_1.pt"))
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in vae.state_dict().items())
 

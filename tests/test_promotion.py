@@ -3,6 +3,7 @@ an unreachable registry, racing registrations. Real MLflow, really trained model
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -287,12 +288,16 @@ def test_race_over_a_broken_champion_demotes_it_and_a_below_floor_rival_never_ho
     assert tags_of("race", versions["background"])[promotion.FLOOR_TAG].startswith("failed")
 
 
-def test_pending_registration_is_not_waited_for_once_stale() -> None:
+@pytest.mark.parametrize("stale", [True, False])
+def test_a_pending_registration_is_waited_for_only_until_it_is_stale(
+        stale: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(promotion, "PENDING_WAIT_S", 1.5)  # the real 300 s, scaled down
     decision = register(background_model(), "m")
     client = mlflow.MlflowClient()
     client.set_model_version_tag("m", decision.version, promotion.STATE_TAG, "pending")
-    client.set_model_version_tag("m", decision.version, promotion.PENDING_SINCE_TAG,
-                                 repr(time.time() - promotion.PENDING_WAIT_S - 1))
-    started = time.monotonic()
+    since = time.time() - (promotion.PENDING_WAIT_S + 1 if stale else 0)
+    client.set_model_version_tag("m", decision.version, promotion.PENDING_SINCE_TAG, repr(since))
+    caplog.set_level(logging.INFO, logger="atari_vae.promotion")
     promotion._wait_for_pending(client, "m", "other")
-    assert time.monotonic() - started < 5
+    waited = [r for r in caplog.records if r.getMessage().startswith("waiting for the score")]
+    assert bool(waited) is not stale

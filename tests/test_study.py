@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import optuna
+import pytest
 from click.testing import CliRunner
 
 from atari_vae import study, tracking
@@ -18,9 +19,15 @@ def tables(db: Path) -> set[str]:
         return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 
 
-def test_default_storage_is_optuna_db_beside_mlflow_db(tmp_path: Path) -> None:
-    assert study.resolve_storage("") == f"sqlite:///{tmp_path / 'optuna.db'}"
+def test_default_storage_is_optuna_db_beside_mlflow_db(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert study.resolve_storage("sqlite:///x.db") == "sqlite:///x.db"
+    # The store in another folder than the working directory (the fixture's), so "beside
+    # mlflow.db" and "in the working directory" give different answers.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'team' / 'mlflow.db'}")
+    assert study.resolve_storage("") == f"sqlite:///{tmp_path / 'team' / 'optuna.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a server: no folder
+    assert study.resolve_storage("") == f"sqlite:///{tmp_path / 'optuna.db'}"
 
 
 def test_storage_pointing_at_the_mlflow_store_is_refused_without_touching_it(

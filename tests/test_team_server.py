@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.conftest import GOOD_TRAINING, REPO, tiny_train_flags
-from tests.test_multiworker import DB, POSTGRES, finish, output, start, tune_command
+from tests.test_multiworker import DB, finish, output, start, tune_command
 from tests.test_serve import free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -174,7 +174,6 @@ def test_two_tune_workers_register_a_champion_that_another_process_loads(
                for _ in range(2)]
     for worker in workers:
         finish(worker)
-    assert POSTGRES.startswith("postgresql://")
 
     trials = optuna.load_study(study_name=study_name, storage=DB).trials
     assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)

@@ -173,7 +173,7 @@ def test_bad_tune_flags_give_one_line_and_exit_1(flags: list[str], message: str,
 def test_bad_model_name_fails_before_any_work(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["tune", "--model_name", "it's", "--output_dir",
                                        str(tmp_path / "o")])
-    assert result.exit_code == 1 and "--model_name \"it's\" is not allowed" in result.output
+    assert result.exit_code == 1  # the message itself: test_bad_tune_flags_give_one_line...
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no study, no output
 
 
