@@ -97,7 +97,6 @@ def table(results: list[dict]) -> str:
             "PSNR over base s10000 / s20000 | object recall | probe (random init) | ball F1 x/y | "
             "ball R² x/y, all frames (one object on screen) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    nan = float("nan")
     for r in results:
         if "error" in r:
             rows.append(f"| {r['recipe']} | error: {r['error']} |")
@@ -109,13 +108,20 @@ def table(results: list[dict]) -> str:
             f"| {r['recipe']} | {r['train_s']:.0f} | {r['epochs']} | {steps} | "
             f"{a['fg_accuracy']:.3f} / {b['fg_accuracy']:.3f} | "
             f"{a['psnr'] - a['baseline_psnr']:+.2f} / {b['psnr'] - b['baseline_psnr']:+.2f} | "
-            f"{a.get('object_recall', nan):.3f} | "
-            f"{a.get('probe_score', nan):.3f} ({a.get('probe_random_init', 0):.3f}) | "
-            f"{a.get('ball_x_f1', nan):.2f} / {a.get('ball_y_f1', nan):.2f} | "
-            f"{a.get('ball_x_r2', nan):.2f} / {a.get('ball_y_r2', nan):.2f} "
-            f"({a.get('ball_x_r2_on_screen', nan):.2f} / "
-            f"{a.get('ball_y_r2_on_screen', nan):.2f}) |")
+            f"{_figure(a, 'object_recall', '.3f')} | "
+            f"{_figure(a, 'probe_score', '.3f')} ({_figure(a, 'probe_random_init', '.3f')}) | "
+            f"{_figure(a, 'ball_x_f1', '.2f')} / {_figure(a, 'ball_y_f1', '.2f')} | "
+            f"{_figure(a, 'ball_x_r2', '.2f')} / {_figure(a, 'ball_y_r2', '.2f')} "
+            f"({_figure(a, 'ball_x_r2_on_screen', '.2f')} / "
+            f"{_figure(a, 'ball_y_r2_on_screen', '.2f')}) |")
     return "\n".join(rows)
+
+
+def _figure(figures: dict, key: str, spec: str) -> str:
+    """``figures[key]`` formatted, or "-" where the run has no such figure (a game without a
+    ball, an evaluation without the probe)."""
+    value = figures.get(key)
+    return "-" if value is None or np.isnan(value) else format(value, spec)
 
 
 def with_seeds(recipes: list[tuple[str, str]], seeds: list[int]) -> list[tuple[str, str]]:

@@ -57,6 +57,21 @@ def test_recipes_trains_scores_both_seeds_and_tabulates_each_recipe(tmp_path):
     assert "| tiny | " in done.stdout
 
 
+def test_recipes_table_shows_a_dash_for_figures_a_game_does_not_have():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipes", REPO / "benchmarks" / "recipes.py")
+    recipes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipes)
+    pixels = {"fg_accuracy": 0.9, "psnr": 30.0, "baseline_psnr": 20.0, "object_recall": 0.5}
+    probed = {**pixels, "probe_score": 0.55, "probe_random_init": 0.4}  # SpaceInvaders: no ball
+    run = {"recipe": "si", "train_s": 10.0, "epochs": 1, "train_frames": 64, "flags": "",
+           10000: probed, 20000: pixels}
+    assert recipes.table([run]).splitlines()[-1] == (
+        "| si | 10 | 1 | 1 | 0.900 / 0.900 | +10.00 / +10.00 | 0.500 | 0.550 (0.400) | - / - | "
+        "- / - (- / -) |")
+
+
 def test_recipes_over_seeds_runs_each_recipe_per_seed_and_prints_its_spread(tmp_path):
     out = tmp_path / "recipes"
     done = subprocess.run(
