@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -57,12 +59,17 @@ def test_recipes_trains_scores_both_seeds_and_tabulates_each_recipe(tmp_path):
     assert "| tiny | " in done.stdout
 
 
-def test_recipes_table_shows_a_dash_for_figures_a_game_does_not_have():
-    import importlib.util
+def _script(name: str) -> types.ModuleType:
+    """``benchmarks/<name>.py`` imported as a module (the benchmarks are scripts, not a package)."""
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    spec = importlib.util.spec_from_file_location("recipes", REPO / "benchmarks" / "recipes.py")
-    recipes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipes)
+
+def test_recipes_table_shows_a_dash_for_figures_a_game_does_not_have():
+    recipes = _script("recipes")
     pixels = {"fg_accuracy": 0.9, "psnr": 30.0, "baseline_psnr": 20.0, "object_recall": 0.5}
     probed = {**pixels, "probe_score": 0.55, "probe_random_init": 0.4}  # SpaceInvaders: no ball
     run = {"recipe": "si", "train_s": 10.0, "epochs": 1, "train_frames": 64, "flags": "",
@@ -283,15 +290,11 @@ def test_probe_rules_finds_more_small_pixels_everywhere_and_more_again_at_reach_
 
 
 def test_objects_fourier_code_sums_each_object_s_intensity_weighted_mean_wave():
-    import importlib.util
-
     import torch
 
     from atari_vae.losses import fourier_code
 
-    spec = importlib.util.spec_from_file_location("probe_bench", REPO / "benchmarks" / "probe.py")
-    probe_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe_bench)
+    probe_bench = _script("probe")
     frames = torch.zeros(3, 3, 64, 64)
     frames[1, :, 10, 20], frames[1, :, 11, 20] = 0.9, 0.3  # one 2-pixel object
     frames[2, :, 10, 20], frames[2, :, 40, 50] = 0.6, 0.6  # two 1-pixel objects
