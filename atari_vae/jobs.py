@@ -20,7 +20,7 @@ from atari_vae.rundir import (
     recorded_token,
 )
 from atari_vae.runtime import resolve_device
-from atari_vae.schedule import planned
+from atari_vae.schedule import planned, step_budget
 from atari_vae.train import TrainResult, fit
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ def _tracked_training(cfg: TrainConfig, games: list[Game], run_token: str, train
         train_set, val_set = split_by_episode(frames, cfg.val_split, cfg.seed)
         tracking.log_metrics({"n_train_frames": len(train_set), "n_val_frames": len(val_set)})
         if not cfg.epochs and not run_id:  # --epochs 0: the number --train_steps made
-            tracking.log_params({"epochs_planned": planned(cfg, train_set).epochs})
+            tracking.log_params({"epochs_planned": planned(cfg, train_set).epochs,
+                                 "train_steps_planned": step_budget(cfg)})
         result = fit(cfg, train_set, val_set, tracking.MlflowTrainHooks(), run_token)
         tracking.log_files(list(result.files.values()))
         registry.log_vae_model(result.model, {"game": ",".join(g.title for g in games),

@@ -6,21 +6,30 @@ import dataclasses
 import math
 from typing import Any
 
-from atari_vae.config import TrainConfig
+from atari_vae.config import TRAIN_STEPS_BY_GAME, TRAIN_STEPS_OTHER_GAMES, TrainConfig
 from atari_vae.data import FrameSet, epoch_length
+from atari_vae.envs import parse_games
 
 MIN_LR_FACTOR = 0.05
 
 
 def planned(cfg: TrainConfig, train_set: FrameSet, saved_epochs: int | None = None) -> TrainConfig:
     """``cfg`` with ``--epochs 0`` made a number: the checkpoint's on resume, else the whole
-    passes over ``train_set`` that reach ``--train_steps`` optimizer steps."""
+    passes over ``train_set`` that reach the run's step budget."""
     if cfg.epochs:
         return cfg
     if saved_epochs:
         return dataclasses.replace(cfg, epochs=saved_epochs)
     per_epoch = steps_per_epoch(train_set, cfg.batch_size)
-    return dataclasses.replace(cfg, epochs=max(1, math.ceil(cfg.train_steps / per_epoch)))
+    return dataclasses.replace(cfg, epochs=max(1, math.ceil(step_budget(cfg) / per_epoch)))
+
+
+def step_budget(cfg: TrainConfig) -> int:
+    """``--train_steps``, or for 0 the largest of its games' budgets (``TRAIN_STEPS_BY_GAME``)."""
+    if cfg.train_steps:
+        return cfg.train_steps
+    return max(TRAIN_STEPS_BY_GAME.get(game.title, TRAIN_STEPS_OTHER_GAMES)
+               for game in parse_games(cfg.env_name))
 
 
 def steps_per_epoch(train_set: FrameSet, batch_size: int) -> int:

@@ -367,6 +367,7 @@ def test_epochs_0_trains_the_whole_passes_that_reach_train_steps_and_resumes_to_
     assert [h["epoch"] for h in ckpt["history"]] == list(range(1, planned + 1))
     assert ckpt["config"]["epochs"] == planned  # the number, so a resume keeps the plan
     assert run.data.params["epochs"] == "0" and run.data.params["epochs_planned"] == str(planned)
+    assert run.data.params["train_steps_planned"] == "7"
 
     again = CliRunner().invoke(cli.train, cli_args({**flags, "resume": True}))
     assert again.exit_code == 0, again.output

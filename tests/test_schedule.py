@@ -9,7 +9,7 @@ import torch
 
 from atari_vae.config import TrainConfig
 from atari_vae.data import FrameSet
-from atari_vae.schedule import lr_factor, planned
+from atari_vae.schedule import lr_factor, planned, step_budget
 
 
 def _frames(n: int, games: int = 1) -> FrameSet:
@@ -38,6 +38,19 @@ def test_a_given_epochs_is_kept_and_a_resume_keeps_the_saved_plan():
 def test_a_mix_plans_on_the_frames_of_all_its_games_together():
     assert planned(TrainConfig(epochs=0, train_steps=100, batch_size=10),
                    _frames(300, games=3)).epochs == 4
+
+
+@pytest.mark.parametrize("env_name, steps, passes", [  # 2,170 steps a pass at batch 64
+    ("Breakout", 8000, 4),
+    ("pong", 8000, 4),
+    ("space_invaders", 16000, 8),  # its shots and score display need twice the steps
+    ("ALE/SpaceInvaders-v5", 16000, 8),
+    ("Breakout,SpaceInvaders", 16000, 8),  # a mix: the largest of its games' budgets
+])
+def test_train_steps_0_sizes_the_run_by_the_games_budget(env_name, steps, passes):
+    assert step_budget(TrainConfig(env_name=env_name)) == steps
+    assert step_budget(TrainConfig(env_name=env_name, train_steps=123)) == 123
+    assert planned(TrainConfig(env_name=env_name, batch_size=64), _frames(138_880)).epochs == passes
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_five_percent():
