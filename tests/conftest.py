@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,30 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shared_tmp(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A directory for the whole test session: under pytest-xdist, one for all its workers."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp is a child of the run's
+        base = base.parent
+    path = base / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def frame_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One frame cache for the whole session, so each tiny data set is collected once."""
-    return tmp_path_factory.mktemp("frame-cache")
+    """One frame cache for the whole session, so each tiny data set is collected once (the
+    cache's own per-key lock lets workers share it)."""
+    return shared_tmp(tmp_path_factory, "frame-cache")
+
+
+@pytest.fixture(autouse=True)
+def restored_signal_handlers():
+    """The CLI's friendly_errors installs SIGTERM/SIGHUP handlers in the test process."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(autouse=True)
@@ -84,19 +105,23 @@ GOOD_TRAINING = dict(num_episodes=5, max_steps=1000, epochs=10, batch_size=32, l
 @pytest.fixture(scope="session")
 def good_model_file(tmp_path_factory: pytest.TempPathFactory, frame_cache: Path) -> Path:
     """best_model.pt of a real training (no MLflow) that beats the mean frame by more than the
-    quality floor on the selection frames; trained once per session."""
+    quality floor on the selection frames; trained once per session, whatever the workers."""
+    from filelock import FileLock
+
     from atari_vae.config import TrainConfig
     from atari_vae.data import load_or_collect, split_by_episode
     from atari_vae.envs import resolve_game
     from atari_vae.train import fit
 
-    out = tmp_path_factory.mktemp("good-model")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ATARI_VAE_CACHE_DIR", str(frame_cache))
-        cfg = TrainConfig(**tiny_train_flags(out, checkpoint_freq=1000, **GOOD_TRAINING))
-        frames = load_or_collect(resolve_game(cfg.env_name), cfg.num_episodes, cfg.max_steps,
-                                 cfg.seed, False)
-        fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
+    out = shared_tmp(tmp_path_factory, "good-model")
+    with FileLock(str(out / ".lock")), pytest.MonkeyPatch.context() as env:
+        if not (out / "trained").exists():  # another xdist worker trained it already
+            env.setenv("ATARI_VAE_CACHE_DIR", str(frame_cache))
+            cfg = TrainConfig(**tiny_train_flags(out, checkpoint_freq=1000, **GOOD_TRAINING))
+            frames = load_or_collect(resolve_game(cfg.env_name), cfg.num_episodes,
+                                     cfg.max_steps, cfg.seed, False)
+            fit(cfg, *split_by_episode(frames, cfg.val_split, cfg.seed))
+            (out / "trained").touch()
     return out / "best_model.pt"
 
 

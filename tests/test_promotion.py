@@ -291,7 +291,8 @@ def test_race_over_a_broken_champion_demotes_it_and_a_below_floor_rival_never_ho
 @pytest.mark.parametrize("stale", [True, False])
 def test_a_pending_registration_is_waited_for_only_until_it_is_stale(
         stale: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(promotion, "PENDING_WAIT_S", 1.5)  # the real 300 s, scaled down
+    # the real 300 s, scaled down; long enough that a loaded machine's tagging stays fresh
+    monkeypatch.setattr(promotion, "PENDING_WAIT_S", 4.0)
     decision = register(background_model(), "m")
     client = mlflow.MlflowClient()
     client.set_model_version_tag("m", decision.version, promotion.STATE_TAG, "pending")
