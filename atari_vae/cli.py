@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -9,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -63,36 +64,52 @@ def _interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt while a command runs (so a killed job ends
+    KILLED in MLflow); the caller's handlers come back after it."""
+    signums = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]  # Windows
+    saved = {signum: signal.signal(signum, _interrupted) for signum in signums}  # has no SIGHUP
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 def friendly_errors(func: Callable) -> Callable:
     """Turn user-fixable errors into one line on stderr and exit 1, never a traceback."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        for name in ("SIGTERM", "SIGHUP"):  # a killed job ends KILLED in MLflow
-            if hasattr(signal, name):  # Windows has no SIGHUP
-                signal.signal(getattr(signal, name), _interrupted)
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         if not logging.getLogger().handlers:  # scripts call the command without the group
             _setup_logging(verbose=False)
-        try:
-            return func(*args, **kwargs)
-        except AtariVaeError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
-        except OSError as exc:
-            if exc.errno not in _STORAGE_ERRNOS:
-                raise
-            where = f" {exc.filename}" if exc.filename else ""
-            click.echo(f"Error: could not write{where}: {exc.strerror or exc}; free some space "
-                       f"or choose another --output_dir (the MLflow run is marked FAILED)",
-                       err=True)
-            sys.exit(1)
-        except BaseException as exc:
-            if not interrupted(exc):
-                raise
-            click.echo("Interrupted; the MLflow run is marked KILLED. Resume with --resume.",
-                       err=True)
-            sys.exit(130)
+        with _signals_interrupt():
+            return _one_line_errors(func, *args, **kwargs)
     return wrapper
+
+
+def _one_line_errors(func: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Call ``func``; a user-fixable error or an interrupt becomes one line and an exit code."""
+    try:
+        return func(*args, **kwargs)
+    except AtariVaeError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"Error: could not write{where}: {exc.strerror or exc}; free some space "
+                   f"or choose another --output_dir (the MLflow run is marked FAILED)",
+                   err=True)
+        sys.exit(1)
+    except BaseException as exc:
+        if not interrupted(exc):
+            raise
+        click.echo("Interrupted; the MLflow run is marked KILLED. Resume with --resume.",
+                   err=True)
+        sys.exit(130)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

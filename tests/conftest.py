@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,6 @@ def frame_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One frame cache for the whole session, so each tiny data set is collected once (the
     cache's own per-key lock lets workers share it)."""
     return shared_tmp(tmp_path_factory, "frame-cache")
-
-
-@pytest.fixture(autouse=True)
-def restored_signal_handlers():
-    """The CLI's friendly_errors installs SIGTERM/SIGHUP handlers in the test process."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,29 @@ def _import_error(cause: BaseException | None) -> ImportError:
 
 # A SIGTERM that lands while matplotlib initialises its Agg backend reaches the command as
 # "ImportError: initialization failed", caused by the KeyboardInterrupt the handler raised.
+@pytest.mark.parametrize("exit_code", [0, 1])
+def test_a_command_turns_sigterm_into_an_interrupt_and_gives_back_the_callers_handler(exit_code):
+    def callers_handler(signum, frame):
+        pass
+
+    seen_during = []
+
+    @click.command()
+    @cli.friendly_errors
+    def job() -> None:
+        seen_during.append(signal.getsignal(signal.SIGTERM))
+        if exit_code:
+            raise cli.AtariVaeError("bad input")
+
+    before = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        assert CliRunner().invoke(job, []).exit_code == exit_code
+        assert seen_during == [cli._interrupted]
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.parametrize("raised, exit_code, status", [
     (_import_error(KeyboardInterrupt("signal 15")), 130, "KILLED"),
     (_import_error(None), 1, "FAILED")], ids=["caused-by-an-interrupt", "a-real-import-error"])
