@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,24 +192,21 @@ def _frameset(store: FrameStore, game: Game) -> FrameSet:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path``: tuning workers sharing a cache collect a key once."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock; concurrent collections of one key are unsupported
-        yield
-        return
+    from filelock import FileLock, Timeout
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process collecting %s", path.stem)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process collecting %s", path.stem)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def load_games(games: list[Game], num_episodes: int, max_steps: int, seed: int,

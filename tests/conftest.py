@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# Servers under test listen here: below the ephemeral range (32768-60999 on Linux).
+PORTS_FROM, PORTS_PER_WORKER = 20000, 1000
 
 
 def shared_tmp(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
@@ -46,6 +51,19 @@ def isolated_env(tmp_path: Path, frame_cache: Path, monkeypatch: pytest.MonkeyPa
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()
+
+
+def free_port() -> int:
+    """A free loopback TCP port below the kernel's ephemeral range (so no outgoing connection
+    takes it), from a block of its own for each xdist worker (so no two workers pick one)."""
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    first = PORTS_FROM + index * PORTS_PER_WORKER
+    block = range(first, first + PORTS_PER_WORKER)
+    for port in random.sample(block, len(block)):
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError(f"no free port in {block.start}-{block.stop - 1}")
 
 
 def same_frames(a, b) -> bool:

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,35 @@ def test_cache_hit_returns_identical_frames_without_collecting_again(private_cac
     again = load_or_collect(BREAKOUT, 3, 40, seed=2, progress=False, on_episode=collected.append)
     assert same_frames(first, again) and collected == []
     assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == stamps
+
+
+def test_a_collector_waits_for_another_process_collecting_the_same_key_then_shares_its_frames(
+        private_cache, caplog):
+    key = cache_key(BREAKOUT, 2, 30, seed=5)
+    private_cache.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from filelock import FileLock; "
+         "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); "
+         "sys.stdin.readline()", str(private_cache / f"{key}.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        loaded: list = []
+        waiter = threading.Thread(target=lambda: loaded.append(
+            load_or_collect(BREAKOUT, 2, 30, seed=5, progress=False)))
+        with caplog.at_level(logging.INFO, logger="atari_vae.data"):
+            waiter.start()
+            deadline = time.monotonic() + 60
+            while "waiting for another process" not in caplog.text:
+                assert time.monotonic() < deadline and waiter.is_alive()
+                time.sleep(0.05)
+            assert not (private_cache / key).exists()  # nothing collected while it waits
+            holder.communicate("\n", timeout=30)
+            waiter.join(120)
+    finally:
+        holder.kill()
+    assert not waiter.is_alive() and len(loaded[0]) > 0
+    assert (private_cache / key).is_dir()
 
 
 def _mapped_file(tensor: torch.Tensor) -> str | None:

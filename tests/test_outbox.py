@@ -21,7 +21,7 @@ import requests
 
 from atari_vae import tracking
 from atari_vae.errors import AtariVaeError
-from tests.test_serve import free_port
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 START_S = 400  # a cold MLflow server takes a minute or more on two busy cores

@@ -22,18 +22,11 @@ import yaml
 from atari_vae import registry, tracking
 from atari_vae.envs import FRAME_SHAPE
 from atari_vae.model import VAE
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 LATENT = 8
 MAX_FRAMES = 4
 START_TIMEOUT_S = 180  # two busy cores: importing torch alone can take 20 s
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the kernel picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

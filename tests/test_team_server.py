@@ -19,9 +19,8 @@ import psycopg2
 import pytest
 import requests
 
-from tests.conftest import GOOD_TRAINING, REPO, tiny_train_flags
+from tests.conftest import GOOD_TRAINING, REPO, free_port, tiny_train_flags
 from tests.test_multiworker import DB, finish, output, start, tune_command
-from tests.test_serve import free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 SERVER_START_S = 400  # a cold MLflow server imports for a minute or more on two busy cores
