@@ -284,6 +284,35 @@ def rules(args: argparse.Namespace) -> None:
               + " ".join(f"{row}:{n}" for row, n in enumerate(by_row) if n))
 
 
+def region(args: argparse.Namespace) -> None:
+    """Where the ball-finding terms look (``losses.usually_empty``) on train's training frames,
+    and the pixels a mean ABSOLUTE deviation test would leave out (measured and not kept,
+    docs/results.md): those whose mean frame matches the background while they swing both ways."""
+    from atari_vae.data import load_or_collect, split_by_episode
+    from atari_vae.losses import EMPTY_DEVIATION, foreground_mask
+
+    defaults = TrainConfig()
+    frames = load_or_collect(resolve_game(args.game), defaults.num_episodes, defaults.max_steps,
+                             defaults.seed, progress=False)
+    frames_uint8 = split_by_episode(frames, defaults.val_split, defaults.seed)[0].frames_uint8[:]
+    mean_frame, background = reference_frames(frames_uint8)
+    empty = usually_empty(mean_frame, background)
+    deviation = torch.zeros_like(background, dtype=torch.float64)
+    for start in range(0, len(frames_uint8), 2048):
+        x = to_float(frames_uint8[start:start + 2048])
+        deviation += (x - background).abs().sum(dim=0, keepdim=True)
+    by_deviation = (deviation / len(frames_uint8)).amax(dim=1, keepdim=True) <= EMPTY_DEVIATION
+    swinging = ((empty > 0) & ~by_deviation).nonzero()[:, 2:].tolist()
+    def share(r: int, c: int) -> float:  # of the frames where pixel (r, c) is foreground
+        pixel = (slice(None), slice(None), slice(r, r + 1), slice(c, c + 1))
+        return foreground_mask(to_float(frames_uint8[pixel]), background[pixel]).float().mean()
+
+    shares = [f"({r}, {c}) foreground in {share(r, c):.3f}" for r, c in swinging]
+    print(f"{args.game}: {int(empty.sum())} usually-empty pixels of {empty.numel()} on "
+          f"{len(frames_uint8)} training frames; a mean absolute deviation test would leave out "
+          f"{len(swinging)}: " + ", ".join(shares))
+
+
 def table(args: argparse.Namespace) -> None:
     print("| run | game | score model | random init | majority | ball_x F1 | ball_y F1 | "
           "player F1 | ball_x R2 | ball_y R2 | object recall (base) | fg acc | PSNR (base) |")
@@ -353,6 +382,10 @@ def main() -> None:
     p.add_argument("--num_episodes", type=int, default=TrainConfig().num_episodes,
                    help="of train's collection (its default: the frames training sees)")
     p.set_defaults(run=rules)
+    p = sub.add_parser("region", help="where the ball-finding terms look, and the pixels that "
+                                      "swing both ways around the background")
+    p.add_argument("--game", default="Breakout")
+    p.set_defaults(run=region)
     p = sub.add_parser("table", help="markdown table of evaluate folders")
     p.add_argument("folders", nargs="+")
     p.set_defaults(run=table)
