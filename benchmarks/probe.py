@@ -303,6 +303,7 @@ def region(args: argparse.Namespace) -> None:
         deviation += (x - background).abs().sum(dim=0, keepdim=True)
     by_deviation = (deviation / len(frames_uint8)).amax(dim=1, keepdim=True) <= EMPTY_DEVIATION
     swinging = ((empty > 0) & ~by_deviation).nonzero()[:, 2:].tolist()
+
     def share(r: int, c: int) -> float:  # of the frames where pixel (r, c) is foreground
         pixel = (slice(None), slice(None), slice(r, r + 1), slice(c, c + 1))
         return foreground_mask(to_float(frames_uint8[pixel]), background[pixel]).float().mean()
