@@ -241,8 +241,6 @@ def _import_error(cause: BaseException | None) -> ImportError:
     return exc
 
 
-# A SIGTERM that lands while matplotlib initialises its Agg backend reaches the command as
-# "ImportError: initialization failed", caused by the KeyboardInterrupt the handler raised.
 @pytest.mark.parametrize("exit_code", [0, 1])
 def test_a_command_turns_sigterm_into_an_interrupt_and_gives_back_the_callers_handler(exit_code):
     def callers_handler(signum, frame):
@@ -266,6 +264,8 @@ def test_a_command_turns_sigterm_into_an_interrupt_and_gives_back_the_callers_ha
         signal.signal(signal.SIGTERM, before)
 
 
+# A SIGTERM that lands while matplotlib initialises its Agg backend reaches the command as
+# "ImportError: initialization failed", caused by the KeyboardInterrupt the handler raised.
 @pytest.mark.parametrize("raised, exit_code, status", [
     (_import_error(KeyboardInterrupt("signal 15")), 130, "KILLED"),
     (_import_error(None), 1, "FAILED")], ids=["caused-by-an-interrupt", "a-real-import-error"])
