@@ -15,22 +15,18 @@ import argparse
 import json
 import os
 import platform
-import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import bench_jobs  # benchmarks/ is on sys.path when this runs as a script
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-SECTIONS = ("machine", "peak", "train", "collect", "planner", "quick", "samejob", "tune")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PEAK_MATMUL_N = 2048  # side of the roofline matmul (profile_step.py prints it too)
 
@@ -46,17 +42,28 @@ def precisions() -> dict[str, torch.dtype]:
     from atari_vae.runtime import cpu_has_fast_bf16
 
     return PRECISIONS if cpu_has_fast_bf16() else {"fp32": torch.float32}
-ROWS: list[dict] = []
 
 
-def row(section: str, figure: str, value: float | str, unit: str = "", note: str = "") -> None:
-    """Record one figure (with the 1-minute load average at the time) and echo it."""
-    load = os.getloadavg()[0]
-    ROWS.append({"section": section, "figure": figure, "value": value, "unit": unit,
-                 "note": note, "load": round(load, 1)})
-    shown = f"{value:,.4g}" if isinstance(value, float) else str(value)
-    print(f"[{section}] {figure}: {shown} {unit}  {note}  (load {load:.1f})", file=sys.stderr,
-          flush=True)
+@dataclass
+class Context:
+    """What the sections share: where jobs write, the thread count, the measured matmul peaks
+    (by precision and threads), the cached frames, and the table's rows."""
+
+    workdir: Path
+    threads: int
+    peaks: dict[tuple[str, int], float] = field(default_factory=dict)
+    frames: tuple | None = None
+    rows: list[dict] = field(default_factory=list)
+
+    def row(self, section: str, figure: str, value: float | str, unit: str = "",
+            note: str = "") -> None:
+        """Record one figure (with the 1-minute load average at the time) and echo it."""
+        load = os.getloadavg()[0]
+        self.rows.append({"section": section, "figure": figure, "value": value, "unit": unit,
+                          "note": note, "load": round(load, 1)})
+        shown = f"{value:,.4g}" if isinstance(value, float) else str(value)
+        print(f"[{section}] {figure}: {shown} {unit}  {note}  (load {load:.1f})",
+              file=sys.stderr, flush=True)
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -76,21 +83,22 @@ def thread_counts() -> list[int]:
 
 
 # ---------------------------------------------------------------- machine and matmul peak
-def bench_machine(ctx: dict) -> None:
+def bench_machine(ctx: Context) -> None:
     model = next((line.split(":", 1)[1].strip() for line in
                   Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
     from atari_vae.runtime import cpu_has_fast_bf16
 
-    row("machine", "cpu", model, note=f"{os.cpu_count()} logical cores, "
+    ctx.row("machine", "cpu", model, note=f"{os.cpu_count()} logical cores, "
         f"{len(os.sched_getaffinity(0))} usable, avx512_bf16/amx={cpu_has_fast_bf16()}")
-    row("machine", "torch", torch.__version__, note=f"{torch.get_num_threads()} intra-op threads")
+    ctx.row("machine", "torch", torch.__version__,
+            note=f"{torch.get_num_threads()} intra-op threads")
     caps = {name: os.environ[name] for name in ISA_ENV if name in os.environ}
-    row("machine", "instruction sets used", torch.backends.cpu.get_cpu_capability(),
+    ctx.row("machine", "instruction sets used", torch.backends.cpu.get_cpu_capability(),
         note=", ".join(f"{k}={v}" for k, v in caps.items()) or "not capped")
     cpu_max = Path("/sys/fs/cgroup/cpu.max")
     if cpu_max.exists():
-        row("machine", "cgroup cpu.max", cpu_max.read_text().strip())
+        ctx.row("machine", "cgroup cpu.max", cpu_max.read_text().strip())
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = PEAK_MATMUL_N) -> float:
@@ -100,27 +108,27 @@ def matmul_gflops(dtype: torch.dtype, n: int = PEAK_MATMUL_N) -> float:
     return 2 * n**3 / seconds / 1e9
 
 
-def bench_peak(ctx: dict) -> None:
+def bench_peak(ctx: Context) -> None:
     """Big square matmuls: the roofline the training figures are measured against."""
     for threads in thread_counts():
         torch.set_num_threads(threads)
         for name, dtype in precisions().items():
             gflops = matmul_gflops(dtype)
-            ctx["peak", name, threads] = gflops
-            row("peak", f"matmul {name}, {threads} thread(s)", gflops, "GFLOP/s")
-    torch.set_num_threads(ctx["threads"])
+            ctx.peaks[name, threads] = gflops
+            ctx.row("peak", f"matmul {name}, {threads} thread(s)", gflops, "GFLOP/s")
+    torch.set_num_threads(ctx.threads)
 
 
 # ---------------------------------------------------------------- training throughput
-def bench_frames(ctx: dict):
+def bench_frames(ctx: Context):
     """20 cached Breakout episodes (the bench's own cache), split by episode."""
     from atari_vae.data import load_or_collect, split_by_episode
     from atari_vae.envs import resolve_game
 
-    if "frames" not in ctx:
+    if ctx.frames is None:
         frames = load_or_collect(resolve_game("Breakout"), 20, 1000, 42, progress=False)
-        ctx["frames"] = split_by_episode(frames, 0.1, 42)
-    return ctx["frames"]
+        ctx.frames = split_by_episode(frames, 0.1, 42)
+    return ctx.frames
 
 
 def flops_per_image(cfg, batch: int = 32) -> float:
@@ -139,7 +147,7 @@ def flops_per_image(cfg, batch: int = 32) -> float:
     return counter.get_total_flops() / batch
 
 
-def bench_train(ctx: dict) -> None:
+def bench_train(ctx: Context) -> None:
     """images/s of the real training step (train._train_epoch) per width, threads, precision
     and layout, at the default batch size."""
     from atari_vae.config import TrainConfig
@@ -149,16 +157,16 @@ def bench_train(ctx: dict) -> None:
     classic = LEGACY_ARCHITECTURE["base_channels"]
     for width in dict.fromkeys((TrainConfig().base_channels, classic)):
         _bench_train_width(ctx, train_set, TrainConfig(base_channels=width))
-    torch.set_num_threads(ctx["threads"])
+    torch.set_num_threads(ctx.threads)
 
 
-def _bench_train_width(ctx: dict, train_set, cfg) -> None:
+def _bench_train_width(ctx: Context, train_set, cfg) -> None:
     from atari_vae import train
     from atari_vae.metrics import game_references
 
     flops = flops_per_image(cfg)
     width = f"--base_channels {cfg.base_channels}, batch {cfg.batch_size}"
-    row("train", f"model FLOPs/image fwd+bwd, {width}", flops / 1e9, "GFLOP")
+    ctx.row("train", f"model FLOPs/image fwd+bwd, {width}", flops / 1e9, "GFLOP")
     subset = train_set.subset(torch.arange(min(len(train_set), 8 * cfg.batch_size)))
     warm = train_set.subset(torch.arange(2 * cfg.batch_size))
     refs = game_references(subset.frames_uint8, subset.game_ids, 1)
@@ -185,9 +193,9 @@ def _bench_train_width(ctx: dict, train_set, cfg) -> None:
                 epoch(warm)
                 seconds = min(median_time(epoch, 1, 0) for _ in range(2))
                 rate = len(subset) / seconds
-                peak = ctx.get(("peak", name, threads))
+                peak = ctx.peaks.get((name, threads))
                 share = f"{rate * flops / 1e9 / peak:.0%} of {name} matmul peak" if peak else ""
-                row("train", f"{name} {layout}, {threads} thread(s), {width}", rate,
+                ctx.row("train", f"{name} {layout}, {threads} thread(s), {width}", rate,
                     "images/s", share)
 
 
@@ -211,7 +219,7 @@ def emulator_rate(game, envs: int, batch: int, **overrides) -> float:
     return rate
 
 
-def bench_collect(ctx: dict) -> None:
+def bench_collect(ctx: Context) -> None:
     """frames/s of data.collect_episodes (no cache) beside the bare emulator's steady rate."""
     from atari_vae import collect, data
     from atari_vae.envs import resolve_game
@@ -219,26 +227,26 @@ def bench_collect(ctx: dict) -> None:
     game = resolve_game("Breakout")
     for envs in (collect.FEW_ENVS, collect.MANY_ENVS):
         # Lockstep (batch = envs), as collect.py steps them since the seeded-chain collector.
-        row("collect", f"emulator alone, {envs} envs, lockstep as collected",
+        ctx.row("collect", f"emulator alone, {envs} envs, lockstep as collected",
             emulator_rate(game, envs, envs), "frames/s",
             "64x64 RGB resized in ALE's C++ threads; steady state, random actions")
     # Where the time goes: the same emulator without the resize, and with the cheaper
     # grayscale one (ale-py's default observation, 84x84 grey).
-    row("collect", "emulator alone, 4 envs, raw 210x160 RGB (no resize)",
+    ctx.row("collect", "emulator alone, 4 envs, raw 210x160 RGB (no resize)",
         emulator_rate(game, 4, 4, img_height=210, img_width=160), "frames/s")
-    row("collect", "emulator alone, 4 envs, 84x84 grayscale",
+    ctx.row("collect", "emulator alone, 4 envs, 84x84 grayscale",
         emulator_rate(game, 4, 4, img_height=84, img_width=84, grayscale=True), "frames/s")
     for episodes in (100, 20):
         started = time.perf_counter()
         frames = data.collect_episodes(game, episodes, 1000, 42, progress=False)
         rate = len(frames) / (time.perf_counter() - started)
-        row("collect", f"collect_episodes, {episodes} Breakout episodes", rate, "frames/s",
+        ctx.row("collect", f"collect_episodes, {episodes} Breakout episodes", rate, "frames/s",
             f"{len(frames)} frames, {collect.collect_env_count(episodes)} envs, incl. start-up; "
             f"target >= 4000")
 
 
 # ---------------------------------------------------------------- planner latency
-def bench_planner(ctx: dict) -> None:
+def bench_planner(ctx: Context) -> None:
     """preprocess + encode of raw (210, 160, 3) observations, median wall time."""
     from atari_vae import VAE, preprocess
 
@@ -255,181 +263,22 @@ def bench_planner(ctx: dict) -> None:
                     return model.encode(preprocess(obs))[0]
 
             seconds = median_time(encode, repeats, 3)
-            row("planner", f"preprocess + encode, batch {batch}, {threads} thread(s)",
+            ctx.row("planner", f"preprocess + encode, batch {batch}, {threads} thread(s)",
                 seconds * 1e3, "ms", f"median of {repeats}; {batch / seconds:,.0f} obs/s")
-    torch.set_num_threads(ctx["threads"])
-
-
-# ---------------------------------------------------------------- end-to-end jobs
-def run_job(name: str, args: list[str], workdir: Path, cache: str) -> tuple[float, str]:
-    """Run a command in ``workdir`` with its own, empty frame cache; (wall seconds, log).
-
-    The cache is emptied first, so a re-used --workdir still times the collection.
-    """
-    shutil.rmtree(cache, ignore_errors=True)
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "ATARI_VAE_CACHE_DIR": cache,
-           "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
-    started = time.perf_counter()
-    proc = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    log = proc.stdout + proc.stderr
-    (workdir / f"{name}.log").write_text(log)
-    if proc.returncode:
-        raise RuntimeError(f"{name} failed ({proc.returncode}); log: {workdir / name}.log")
-    return seconds, log
-
-
-def epoch_seconds(log: str) -> float:
-    """Sum of the per-epoch times `atari-vae train` logs (training + validation only)."""
-    return sum(float(s) for s in re.findall(r"epoch \d+/\d+ .* ([\d.]+)s\s*$", log, re.M))
-
-
-def cli(*args: str) -> list[str]:
-    return [str(VENV_BIN / "atari-vae"), *args]
-
-
-def bench_quick(ctx: dict) -> None:
-    """The quick test through the CLI, with a fresh frame cache and a fresh mlflow.db."""
-    work = ctx["workdir"]
-    if (work / "mlflow.db").exists():  # a re-used --workdir: start from an empty store anyway
-        work = Path(tempfile.mkdtemp(prefix="quick-", dir=work))
-    seconds, log = run_job("quick", cli(
-        "train", "--num_episodes", "5", "--epochs", "20", "--batch_size", "32",
-        "--output_dir", "quick"), work, str(work / "cache-quick"))
-    epochs = epoch_seconds(log)
-    row("quick", "quick test wall (5 ep, 20 epochs, batch 32: the quickstart's run)", seconds, "s",
-        f"epochs {epochs:.1f} s, the rest {seconds - epochs:.1f} s; fresh mlflow.db; "
-        f"target <= 30")
-
-
-def held_out(ctx: dict):
-    """1000 frames of fresh Breakout episodes plus the mean frame and background to score with."""
-    from atari_vae.config import EvaluateConfig
-    from atari_vae.envs import resolve_game
-    from atari_vae.evaluate import held_out_set
-
-    frames, mean_frame, background = held_out_set(resolve_game("Breakout"), EvaluateConfig())
-    return frames.frames_uint8, mean_frame, background
-
-
-def score_file(path: Path, frames, mean_frame, background) -> dict[str, float]:
-    from atari_vae.evaluate import score_model
-    from atari_vae.registry import load_state_file
-
-    return score_model(load_state_file(path), frames, mean_frame, background)[0]
-
-
-SAMEJOB_SEEDS = (42, 43, 44)
-
-
-def job_frames(log: str) -> int:
-    """Frames `atari-vae train` trained and validated on, from its "training on" log line."""
-    found = re.search(r"training on .*?(\d+) train / (\d+) val frames", log)
-    if not found:
-        raise RuntimeError("no 'training on ... train / ... val frames' line in the job's log")
-    return int(found.group(1)) + int(found.group(2))
-
-
-def bench_samejob(ctx: dict) -> None:
-    """20 episodes, 3 epochs, batch 128, save: `atari-vae train` vs the plain way, same quality.
-
-    The plain way trains the classic 32-256 widths (the issue's World Models VAE), and again at
-    our --base_channels, so the table tells the architecture's share from the engineering's.
-
-    Each seed's 20 random episodes differ in length by up to ~20 %, and both ways train on all
-    of them, so one seed can favour either side: the ratio is of the walls summed over seeds,
-    the two ways run alternately so that a busy minute hits both.
-    """
-    from atari_vae.config import TrainConfig
-
-    work = ctx["workdir"]
-    job = ["--num_episodes", "20", "--epochs", "3", "--batch_size", "128"]
-    if not (work / "mlflow.db").exists():  # a user's store exists after the first run
-        run_job("warm-store", cli("train", "--num_episodes", "2", "--epochs", "1",
-                                        "--output_dir", "warm"), work, str(work / "cache-warm"))
-    plain = [sys.executable, str(ROOT / "benchmarks" / "plain_baseline.py"), *job]
-    ours_width = str(TrainConfig().base_channels)
-    ways = {  # the plain way on the classic widths, and on ours: the engineering alone
-        "ours": lambda seed, out: cli("train", *job, "--seed", str(seed), "--output_dir", out),
-        "plain": lambda seed, out: [*plain, "--seed", str(seed), "--out", out],
-        "plain at our width": lambda seed, out: [*plain, "--base_channels", ours_width,
-                                                 "--seed", str(seed), "--out", out],
-    }
-    held = held_out(ctx)
-    walls = {way: 0.0 for way in ways}
-    scores: dict[str, list[dict]] = {way: [] for way in ways}
-    for seed in SAMEJOB_SEEDS:
-        for way, args in ways.items():
-            out = f"{way.replace(' ', '-')}-{seed}"
-            wall, log = run_job(out, args(seed, out), work, str(work / f"cache-{out}"))
-            walls[way] += wall
-            if way == "ours":
-                frames, collection = job_frames(log), ""
-            else:
-                timing = json.loads((work / out / "timing.json").read_text())
-                frames = timing["frames"]
-                collection = f"; collection {frames / timing['collect_s']:,.0f} frames/s"
-            m = score_file(work / out / "final_model.pt", *held)
-            scores[way].append(m)
-            row("samejob", f"seed {seed}: {way}", wall, "s", f"{frames} frames{collection}; "
-                f"held-out psnr {m['psnr']:.2f} dB, fg_accuracy {m['fg_accuracy']:.3f}")
-    for way in ("plain", "plain at our width"):
-        row("samejob", f"speed-up over the {way}, {len(SAMEJOB_SEEDS)} seeds",
-            walls[way] / walls["ours"], "x", f"ours {walls['ours']:.1f} s vs {walls[way]:.1f} s "
-            f"in all" + ("; target >= 1.5" if way == "plain" else ""))
-    for way, results in scores.items():
-        psnr = statistics.mean(m["psnr"] for m in results)
-        fg = statistics.mean(m["fg_accuracy"] for m in results)
-        row("samejob", f"held-out quality, {way} (mean of seeds)", psnr, "dB",
-            f"fg_accuracy {fg:.3f}; mean frame {results[0]['baseline_psnr']:.2f} dB, "
-            f"{results[0]['baseline_fg_accuracy']:.3f}")
-    wall, _ = run_job("fp32", cli("train", *job, "--precision", "fp32", "--output_dir", "fp32"),
-                      work, str(work / "cache-fp32"))
-    m = score_file(work / "fp32" / "final_model.pt", *held)
-    row("samejob", f"seed {SAMEJOB_SEEDS[0]}: ours --precision fp32", wall, "s",
-        f"held-out psnr {m['psnr']:.2f} dB, fg_accuracy {m['fg_accuracy']:.3f} (auto: "
-        f"{scores['ours'][0]['psnr']:.2f}, {scores['ours'][0]['fg_accuracy']:.3f})")
-    bench_fixed_costs(work)
-
-
-def bench_fixed_costs(work: Path) -> None:
-    """Start-up both ways pay, and what only a tracked run pays, each in a fresh interpreter."""
-    snippets = {
-        "both ways: import torch, first torch.optim use (imports torch._dynamo)":
-            "import torch; torch.optim.Adam([torch.zeros(1, requires_grad=True)])",
-        "ours only: import mlflow, open the existing SQLite store":
-            f"import mlflow; mlflow.set_tracking_uri('sqlite:///{work / 'mlflow.db'}'); "
-            f"mlflow.set_experiment('atari-vae')",
-    }
-    for name, code in snippets.items():
-        walls = []
-        for _ in range(3):
-            started = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-            walls.append(time.perf_counter() - started)
-        row("samejob", name, min(walls), "s", "best of 3, incl. interpreter start")
-
-
-def bench_tune(ctx: dict) -> None:
-    """A 20-trial quick study (3 episodes, 2 epochs), frames collected once per study."""
-    import importlib.util
-
-    if importlib.util.find_spec("atari_vae.tune") is None:
-        row("tune", "20-trial study", "n/a", note="atari_vae.tune not available yet")
-        return
-    work = ctx["workdir"]
-    seconds, _ = run_job("tune", cli(
-        "tune", "--n_trials", "20", "--num_episodes", "3", "--epochs", "2",
-        "--study_name", "bench", "--storage", f"sqlite:///{work / 'optuna.db'}",
-        "--model_name", "bench-breakout", "--output_dir", "tune"), work, str(work / "cache-tune"))
-    row("tune", "20-trial study wall (3 episodes, 2 epochs)", seconds, "s",
-        f"{seconds / 20:.1f} s per trial incl. registration")
+    torch.set_num_threads(ctx.threads)
 
 
 # ---------------------------------------------------------------- driver
-def print_table() -> None:
+SECTIONS: dict[str, Callable[[Context], None]] = {  # in the order they run
+    "machine": bench_machine, "peak": bench_peak, "train": bench_train,
+    "collect": bench_collect, "planner": bench_planner, "quick": bench_jobs.bench_quick,
+    "samejob": bench_jobs.bench_samejob, "tune": bench_jobs.bench_tune,
+}
+
+
+def print_table(rows: list[dict]) -> None:
     print(f"\n{'section':<8} {'figure':<64} {'value':>12} {'unit':<9} {'load':>4}  note")
-    for r in ROWS:
+    for r in rows:
         value = f"{r['value']:,.4g}" if isinstance(r["value"], float) else str(r["value"])
         print(f"{r['section']:<8} {r['figure'][:64]:<64} {value:>12} {r['unit']:<9} "
               f"{r['load']:>4}  {r['note']}")
@@ -456,15 +305,15 @@ def main() -> None:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         os.environ["ATARI_VAE_CACHE_DIR"] = str(work / "cache-bench")
-        ctx = {"workdir": work.resolve(), "threads": torch.get_num_threads()}
+        ctx = Context(work.resolve(), torch.get_num_threads())
         started = time.perf_counter()
-        for section in SECTIONS:
+        for section, bench_section in SECTIONS.items():
             if section in chosen:
-                globals()[f"bench_{section}"](ctx)
-        row("total", "benchmark wall", time.perf_counter() - started, "s")
-    print_table()
+                bench_section(ctx)
+        ctx.row("total", "benchmark wall", time.perf_counter() - started, "s")
+    print_table(ctx.rows)
     if args.json:
-        args.json.write_text(json.dumps(ROWS, indent=2))
+        args.json.write_text(json.dumps(ctx.rows, indent=2))
 
 
 if __name__ == "__main__":

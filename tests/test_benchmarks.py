@@ -114,6 +114,38 @@ def test_recipes_over_seeds_refuses_a_recipe_that_sets_its_own_seed(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_bench_runs_the_chosen_sections_in_order_and_writes_every_row(tmp_path):
+    """bench.py's in-process sections and one end-to-end job (bench_jobs.py), at their real
+    sizes; the rows land in the JSON in the order the sections run."""
+    rows_json = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--only", "quick,machine,peak",
+         "--threads", "1", "--workdir", str(tmp_path / "work"), "--json", str(rows_json)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(rows_json.read_text())
+    assert [r["section"] for r in rows] == sorted(
+        (r["section"] for r in rows), key=["machine", "peak", "quick", "total"].index)
+    peaks = [r for r in rows if r["section"] == "peak"]
+    assert peaks and all(r["unit"] == "GFLOP/s" and r["value"] > 0 for r in peaks)
+    (quick,) = [r for r in rows if r["section"] == "quick"]
+    assert quick["unit"] == "s" and quick["value"] > 0 and "the rest" in quick["note"]
+    assert (tmp_path / "work" / "quick" / "final_model.pt").exists()
+    assert "quick test wall" in done.stdout
+
+
+def test_bench_names_the_allowed_sections_when_given_an_unknown_one(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--only", "machine,peek"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "unknown sections ['peek']; allowed: machine, peak, train, collect, planner, quick, "
+        "samejob, tune")
+
+
 def test_gpu_check_script_trains_scores_both_seeds_and_prints_its_summary(tmp_path):
     """benchmarks/gpu.sh waits for a GPU machine; its CPU dry run keeps it from rotting."""
     done = subprocess.run(
