@@ -39,15 +39,20 @@ def frame_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path: Path, frame_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test gets its own cwd and SQLite MLflow store; the frame cache is shared."""
+    """Each test gets its own cwd and SQLite MLflow store, with no active experiment left from
+    another test; the frame cache is shared."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ATARI_VAE_CACHE_DIR", str(frame_cache))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
     import mlflow
+    from mlflow.tracking import fluent
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    # mlflow.set_experiment keeps the experiment id in a module global: an id from another
+    # test's store sent a later bare start_run to an experiment the team server never had.
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()
