@@ -46,6 +46,36 @@ class BroadcastDecoder(nn.Module):
         return self.net(torch.cat([tiled, coords], dim=1))
 
 
+def _check_arguments(input_shape: tuple[int, int, int], base_channels: int,
+                     decoder: str) -> None:
+    _, height, width = input_shape
+    if height % 16 or width % 16:
+        raise ValueError(f"input height and width must be multiples of 16, got {input_shape}")
+    if base_channels < 1:
+        raise ValueError(f"base_channels must be at least 1, got {base_channels}")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+
+
+def _encoder(channels: int, widths: list[int]) -> nn.Sequential:
+    """Stride-2 4x4 convolutions through ``widths``, flattened: (N, C, H, W) -> (N, flat)."""
+    layers, in_ch = [], channels
+    for out_ch in widths:
+        layers += [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        in_ch = out_ch
+    return nn.Sequential(*layers, nn.Flatten())
+
+
+def _decoder(widths: list[int], channels: int) -> nn.Sequential:
+    """The encoder's mirror: stride-2 4x4 deconvolutions from ``widths[-1]`` to ``channels``
+    logits, no activation after the last."""
+    layers, in_ch = [], widths[-1]
+    for out_ch in (*reversed(widths[:-1]), channels):
+        layers += [nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        in_ch = out_ch
+    return nn.Sequential(*layers[:-1])
+
+
 class VAE(nn.Module):
     """Conv VAE for (3, 64, 64) frames in [0, 1]; four stride-2 stages down to 4x4 and back up,
     with base_channels, 2x, 4x and 8x as many channels (the decoder mirrors the encoder)."""
@@ -54,13 +84,8 @@ class VAE(nn.Module):
                  decoder: str = "deconv", locator: bool = False, coords: bool = False,
                  mask: bool = False, base_channels: int = 16, fourier: bool = False):
         super().__init__()
+        _check_arguments(input_shape, base_channels, decoder)
         channels, height, width = input_shape
-        if height % 16 or width % 16:
-            raise ValueError(f"input height and width must be multiples of 16, got {input_shape}")
-        if base_channels < 1:
-            raise ValueError(f"base_channels must be at least 1, got {base_channels}")
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
         self.decoder_kind = decoder
@@ -68,35 +93,34 @@ class VAE(nn.Module):
         widths = [base_channels * 2 ** stage for stage in range(STAGES)]
         self._grid = (widths[-1], height // 16, width // 16)
         flat = widths[-1] * (height // 16) * (width // 16)
-
-        layers, in_ch = [], channels
-        for out_ch in widths:
-            layers += [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-            in_ch = out_ch
-        self.encoder = nn.Sequential(*layers, nn.Flatten())
+        self.encoder = _encoder(channels, widths)
         self.to_mu = nn.Linear(flat, latent_dim)
         self.to_logvar = nn.Linear(flat, latent_dim)
-
         self.from_z = nn.Linear(latent_dim, flat)
-        layers = []
-        for out_ch in (*reversed(widths[:-1]), channels):
-            layers += [nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1),
-                       nn.LeakyReLU(0.2)]
-            in_ch = out_ch
-        self.decoder = nn.Sequential(*layers[:-1])  # logits; sigmoid applied in decode()
+        self.decoder = _decoder(widths, channels)  # logits; sigmoid applied in decode()
         # "broadcast" adds a second path whose logits are summed with the first: the deconv
         # path keeps drawing bricks and digits, the broadcast path has an easy way to place
         # small moving objects.
         self.broadcast = (BroadcastDecoder(latent_dim, channels, height, width)
                           if decoder == "broadcast" else None)
+        self._add_state_heads(latent_dim, height * width, locator, mask, coords, fourier)
+        self.register_buffer("half_size_px", torch.tensor(input_shape[1:], dtype=torch.float32) / 2,
+                             persistent=False)
+        # A per-pixel output bias, independent of the input: set to the training background's
+        # logits before training, so the decoder spends z on moving objects, not the backdrop.
+        self.output_bias = nn.Parameter(torch.zeros(input_shape))
+
+    def _add_state_heads(self, latent_dim: int, pixels: int, locator: bool, mask: bool,
+                         coords: bool, fourier: bool) -> None:
+        """The optional heads that read game state off the posterior mean, each a line."""
         # p(where | mu): a categorical over pixel positions of the frame's small moving objects
         # (ball, shots), linear in the posterior mean, so the mean must say where they are in
         # a form a line can read.
-        self.locator = nn.Linear(latent_dim, height * width) if locator else None
+        self.locator = nn.Linear(latent_dim, pixels) if locator else None
         # p(foreground | mu) pixel by pixel, linear in the posterior mean: where every object
         # is (paddle, ball, removed bricks) must be readable by a line, as the state probe and
         # a linear planner read it.
-        self.mask = nn.Linear(latent_dim, height * width) if mask else None
+        self.mask = nn.Linear(latent_dim, pixels) if mask else None
         # (row, col) of the single small object in view, a line from the posterior mean: the
         # position a planner reads, kept linear in z by construction.
         self.coords = nn.Linear(latent_dim, 2) if coords else None
@@ -112,11 +136,6 @@ class VAE(nn.Module):
         self.fourier_log_scale = nn.Parameter(torch.tensor(-1.0)) if fourier else None
         self.register_buffer("fourier_periods_px", torch.tensor(FOURIER_PERIODS_PX),
                              persistent=False)
-        self.register_buffer("half_size_px", torch.tensor(input_shape[1:], dtype=torch.float32) / 2,
-                             persistent=False)
-        # A per-pixel output bias, independent of the input: set to the training background's
-        # logits before training, so the decoder spends z on moving objects, not the backdrop.
-        self.output_bias = nn.Parameter(torch.zeros(input_shape))
 
     def architecture(self) -> dict:
         """The keyword arguments that build a VAE of this shape: ``VAE(**vae.architecture())``."""

@@ -1,5 +1,5 @@
 """The training loop: fit, validate, checkpoint, finish. It knows nothing of MLflow: trackers
-attach as hooks. Checkpoint files are ``checkpoints``' concern."""
+attach as hooks. Checkpoint files are ``checkpoints``' concern, a step's loss ``train_step``'s."""
 
 from __future__ import annotations
 
@@ -26,25 +26,11 @@ from atari_vae.checkpoints import (
     save_atomic,
 )
 from atari_vae.config import TrainConfig
-from atari_vae.cuda_graph import GraphedBackward, wants_cuda_graph
 from atari_vae.data import FrameSet, balanced_order
-from atari_vae.envs import FRAME_SHAPE, to_float
+from atari_vae.envs import to_float
 from atari_vae.errors import NonFiniteLossError
 from atari_vae.files import atomic_path, remove_partial_files
-from atari_vae.losses import (
-    LossTerms,
-    coordinate_error,
-    foreground_mask,
-    foreground_rate,
-    fourier_error,
-    locator_error,
-    mask_error,
-    object_error,
-    pixel_weights,
-    small_objects,
-    usually_empty,
-    vae_loss,
-)
+from atari_vae.losses import LossTerms, foreground_rate, small_objects, usually_empty
 from atari_vae.metrics import (
     GameReferences,
     Scorer,
@@ -53,15 +39,13 @@ from atari_vae.metrics import (
     score,
 )
 from atari_vae.model import VAE
-from atari_vae.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from atari_vae.runtime import resolve_device, resolve_precision, seed_everything
 from atari_vae.schedule import lr_factor, planned, schedule_epochs, steps_per_epoch
+from atari_vae.train_step import backward_step, build_model, loss_terms
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 512
 N_PREVIEW = 8
-# Typical gradient norms at the default loss scale are 30-100 (measured on Pong); rare spikes of
-# 10x that sent the KL to 10^4 nats and cost half a 15-epoch run. Clipping caps the spikes only.
-GRAD_CLIP_NORM = 100.0
 
 
 class TrainHooks(Protocol):
@@ -90,6 +74,62 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
 
     ``run_token`` marks this run's checkpoints; ``--resume`` continues only a matching one.
     """
+    loop = _start(cfg, train_set, val_set, run_token)
+    bar = tqdm(range(loop.state.epoch + 1, loop.cfg.epochs + 1), desc="train", unit="epoch",
+               initial=loop.state.epoch, total=loop.cfg.epochs, disable=None)
+    for epoch in bar:
+        stats = _epoch(loop, epoch)
+        _show(bar, stats, loop.cfg.epochs)
+        _keep(loop, epoch, stats, hooks)
+    bar.close()
+    return _finish(loop.out, loop.model, loop.state, loop.cfg, loop.val, loop.refs, loop.device)
+
+
+@dataclass
+class TrainingState:
+    """Loop bookkeeping that a checkpoint must restore."""
+
+    history: list[dict[str, float]]
+    run_token: str = ""
+    schedule_epochs: int = 0  # the --epochs the learning-rate schedule was laid out for
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+
+    def restore(self, ckpt: dict) -> None:
+        self.history, self.epoch = list(ckpt["history"]), ckpt["epoch"]
+        self.best_epoch, self.best_val_loss = ckpt["best_epoch"], ckpt["best_val_loss"]
+
+
+class ValFrames(NamedTuple):
+    """Validation frames and the index of each one's game, on the training device."""
+
+    frames_uint8: torch.Tensor  # (N, 3, 64, 64) uint8
+    game_ids: torch.Tensor  # (N,) int64
+
+
+@dataclass
+class _Loop:
+    """What every epoch of one ``fit`` works on."""
+
+    cfg: TrainConfig  # with the planned --epochs
+    out: Path
+    device: torch.device
+    dtype: torch.dtype
+    model: VAE
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    order_rng: torch.Generator
+    backward: Callable[[torch.Tensor], LossTerms]
+    game_ids: torch.Tensor  # (N,) the training frames' game index, on the CPU
+    frame_weights: torch.Tensor | None  # (N,) sampling weights, None: uniform
+    val: ValFrames
+    refs: GameReferences
+    state: TrainingState
+
+
+def _start(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet, run_token: str) -> _Loop:
+    """A new run's model, optimizer, schedule and frame order, or those its checkpoint holds."""
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     out = Path(cfg.output_dir)
@@ -99,71 +139,92 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
     seed_everything(cfg.seed)
     log.info("training on %s (%s), %d train / %d val frames", device, str(dtype).split(".")[-1],
              len(train_set), len(val_set))
-
     frames, game_ids = train_set.frames_uint8.to(device), train_set.game_ids.to(device)
-    val = ValFrames(val_set.frames_uint8.to(device), val_set.game_ids.to(device))
-    # The loss and the metrics take each frame's own game's background and mean frame; the
-    # output bias is one image for all games, so it starts from the median over them all.
     refs = game_references(train_set.frames_uint8, train_set.game_ids,
                            len(train_set.games)).to(device)
-    background = (refs.backgrounds if len(train_set.games) == 1
-                  else median_background(train_set.frames_uint8).to(device))
-    model = _placed(_build(cfg), device)
-    model.init_output_bias(background)
-    if model.mask is not None:
-        model.init_mask_bias(foreground_rate(frames, refs.backgrounds, game_ids))
+    model = _initialised(cfg, train_set, frames, game_ids, refs, device)
     optimizer = _optimizer(model, cfg, device)
     path, ckpt = read_checkpoint(out, cfg, run_token) if cfg.resume else (out, None)
     cfg = planned(cfg, train_set, ckpt["config"]["epochs"] if ckpt else None)
-    # The schedule is the one the run started with; epochs added on resume run at its end rate.
     state = TrainingState(history=[], run_token=run_token,
                           schedule_epochs=schedule_epochs(ckpt) if ckpt else cfg.epochs)
-    per_epoch = steps_per_epoch(train_set, cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor,
-                                     total_steps=state.schedule_epochs * per_epoch,
-                                     warmup_steps=per_epoch))
+    scheduler = _scheduler(optimizer, state.schedule_epochs,
+                           steps_per_epoch(train_set, cfg.batch_size))
     order_rng = torch.Generator().manual_seed(cfg.seed)
     frame_weights = (_object_weights(frames, game_ids, refs, cfg.object_oversample)
                      if cfg.object_oversample != 1 else None)
     if ckpt:
         restore_checkpoint(path, ckpt, model, optimizer, scheduler, order_rng)
-        state.history, state.epoch = list(ckpt["history"]), ckpt["epoch"]
-        state.best_epoch, state.best_val_loss = ckpt["best_epoch"], ckpt["best_val_loss"]
+        state.restore(ckpt)
+    return _Loop(cfg, out, device, dtype, model, optimizer, scheduler, order_rng,
+                 backward_step(model, frames, game_ids, refs, cfg, dtype), train_set.game_ids,
+                 frame_weights, ValFrames(val_set.frames_uint8.to(device),
+                                          val_set.game_ids.to(device)), refs, state)
 
-    backward = _backward_step(model, frames, game_ids, refs, cfg, dtype)
-    bar = tqdm(range(state.epoch + 1, cfg.epochs + 1), desc="train", unit="epoch",
-               initial=state.epoch, total=cfg.epochs, disable=None)
-    for epoch in bar:
-        started = time.perf_counter()
-        model.train()
-        train_stats = _train_epoch(backward, optimizer, scheduler, train_set.game_ids, cfg,
-                                   order_rng, device, frame_weights)
-        val_stats = _validate(model, val, refs, cfg, dtype)
-        stats = {"epoch": epoch, **train_stats, **val_stats,
-                 "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started}
-        state.history.append(stats)
-        _check_finite(stats, epoch)
-        bar.set_postfix(loss=f"{stats['train_loss']:.1f}", val=f"{stats['val_loss']:.1f}",
-                        psnr=f"{stats['val_psnr']:.1f}")
-        if bar.disable:
-            log.info("epoch %d/%d  train %.2f  val %.2f (recon %.2f, kl %.2f)  psnr %.2f dB  %.1fs",
-                     epoch, cfg.epochs, stats["train_loss"], stats["val_loss"],
-                     stats["val_recon"], stats["val_kl"], stats["val_psnr"],
-                     stats["epoch_seconds"])
-        if stats["val_loss"] < state.best_val_loss:
-            state.best_val_loss, state.best_epoch = stats["val_loss"], epoch
-            save_atomic(model.state_dict(), out / "best_model.pt")
-        state.epoch = epoch
+
+def _initialised(cfg: TrainConfig, train_set: FrameSet, frames: torch.Tensor,
+                 game_ids: torch.Tensor, refs: GameReferences, device: torch.device) -> VAE:
+    """A new VAE whose output starts at the background and whose mask head starts at each
+    pixel's foreground rate."""
+    # The loss and the metrics take each frame's own game's background and mean frame; the
+    # output bias is one image for all games, so it starts from the median over them all.
+    background = (refs.backgrounds if len(train_set.games) == 1
+                  else median_background(train_set.frames_uint8).to(device))
+    model = _placed(build_model(cfg), device)
+    model.init_output_bias(background)
+    if model.mask is not None:
+        model.init_mask_bias(foreground_rate(frames, refs.backgrounds, game_ids))
+    return model
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, epochs: int,
+               per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up over the first pass, then ``schedule.lr_factor`` over ``epochs`` passes."""
+    # The schedule is the one the run started with; epochs added on resume run at its end rate.
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, total_steps=epochs * per_epoch,
+                                     warmup_steps=per_epoch))
+
+
+def _epoch(loop: _Loop, epoch: int) -> dict[str, float]:
+    """One pass over the training frames, then validation; the epoch's figures."""
+    started = time.perf_counter()
+    loop.model.train()
+    train_stats = _train_epoch(loop.backward, loop.optimizer, loop.scheduler, loop.game_ids,
+                               loop.cfg, loop.order_rng, loop.device, loop.frame_weights)
+    val_stats = _validate(loop.model, loop.val, loop.refs, loop.cfg, loop.dtype)
+    stats = {"epoch": epoch, **train_stats, **val_stats,
+             "lr": loop.scheduler.get_last_lr()[0],
+             "epoch_seconds": time.perf_counter() - started}
+    loop.state.history.append(stats)
+    _check_finite(stats, epoch)
+    return stats
+
+
+def _show(bar: tqdm, stats: dict[str, float], epochs: int) -> None:
+    """The epoch on the progress bar, or in the log where there is no terminal to draw it."""
+    bar.set_postfix(loss=f"{stats['train_loss']:.1f}", val=f"{stats['val_loss']:.1f}",
+                    psnr=f"{stats['val_psnr']:.1f}")
+    if bar.disable:
+        log.info("epoch %d/%d  train %.2f  val %.2f (recon %.2f, kl %.2f)  psnr %.2f dB  %.1fs",
+                 stats["epoch"], epochs, stats["train_loss"], stats["val_loss"],
+                 stats["val_recon"], stats["val_kl"], stats["val_psnr"], stats["epoch_seconds"])
+
+
+def _keep(loop: _Loop, epoch: int, stats: dict[str, float], hooks: TrainHooks | None) -> None:
+    """Save the best model so far, tell the hooks, and checkpoint when it is time."""
+    state = loop.state
+    if stats["val_loss"] < state.best_val_loss:
+        state.best_val_loss, state.best_epoch = stats["val_loss"], epoch
+        save_atomic(loop.model.state_dict(), loop.out / "best_model.pt")
+    state.epoch = epoch
+    if hooks:
+        hooks.on_epoch_end(epoch, stats)
+    if epoch % loop.cfg.checkpoint_freq == 0 or epoch == loop.cfg.epochs:
+        files = _checkpoint(loop.out, epoch, loop.model, loop.optimizer, loop.scheduler,
+                            loop.order_rng, state, loop.cfg, loop.dtype, loop.val.frames_uint8)
         if hooks:
-            hooks.on_epoch_end(epoch, stats)
-        if epoch % cfg.checkpoint_freq == 0 or epoch == cfg.epochs:
-            files = _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg,
-                                dtype, val.frames_uint8)
-            if hooks:
-                hooks.on_checkpoint(epoch, files)
-    bar.close()
-    return _finish(out, model, state, cfg, val, refs, device)
+            hooks.on_checkpoint(epoch, files)
 
 
 def _placed(model: VAE, device: torch.device) -> VAE:
@@ -192,72 +253,11 @@ def _optimizer(model: VAE, cfg: TrainConfig, device: torch.device) -> torch.opti
                             fused=device.type in ("cpu", "cuda"))
 
 
-@dataclass
-class TrainingState:
-    """Loop bookkeeping that a checkpoint must restore."""
-
-    history: list[dict[str, float]]
-    run_token: str = ""
-    schedule_epochs: int = 0  # the --epochs the learning-rate schedule was laid out for
-    epoch: int = 0
-    best_epoch: int = 0
-    best_val_loss: float = math.inf
-
-
-class ValFrames(NamedTuple):
-    """Validation frames and the index of each one's game, on the training device."""
-
-    frames_uint8: torch.Tensor  # (N, 3, 64, 64) uint8
-    game_ids: torch.Tensor  # (N,) int64
-
-
 def _batches(val: ValFrames, refs: GameReferences, batch_size: int):
     """(float frames, their mean frames, their backgrounds), ``batch_size`` at a time."""
     for start in range(0, len(val.frames_uint8), batch_size):
         rows = slice(start, start + batch_size)
         yield to_float(val.frames_uint8[rows]), *refs.of(val.game_ids[rows])
-
-
-def _build(cfg: TrainConfig) -> VAE:
-    return VAE(FRAME_SHAPE, cfg.latent_dim, cfg.decoder, locator=cfg.loc_weight > 0,
-               coords=cfg.coord_weight > 0, mask=cfg.mask_weight > 0,
-               base_channels=cfg.base_channels, fourier=cfg.fourier_weight > 0)
-
-
-def _loss_terms(model, x, mean_frame, background, cfg,
-                dtype) -> tuple[LossTerms, torch.Tensor]:
-    """(the training objective (``losses`` docstring) for frames of these references, x_hat);
-    z is sampled in training mode and the posterior mean in eval mode. The locator and the
-    coordinate, Fourier and mask heads read the posterior mean, which is what a planner and the
-    state probe read."""
-    with autocast(x.device, dtype):
-        mu, logvar = model.encode(x)
-        z = model.reparameterize(mu, logvar)
-        x_hat = model.decode(z)
-        where_logits = model.locate(mu) if cfg.loc_weight else None
-        points = model.point(mu) if cfg.coord_weight else None
-        waves = model.waves(mu) if cfg.fourier_weight else None
-        mask_logits = model.foreground_logits(mu) if cfg.mask_weight else None
-    fg = foreground_mask(x, background)  # one pass for every term that needs it
-    weights = pixel_weights(x, background, cfg.fg_weight, x_hat, fg)
-    extra = 0.0
-    finds_ball = cfg.loc_weight or cfg.coord_weight or cfg.fourier_weight
-    if cfg.obj_weight or finds_ball:
-        region = usually_empty(mean_frame, background)
-    if cfg.obj_weight:
-        extra = extra + cfg.obj_weight * object_error(x_hat, x, background, region)
-    if finds_ball:
-        small, _ = small_objects(x, background, region, fg)  # the ball's pixels, found once
-    if cfg.loc_weight:
-        extra = extra + cfg.loc_weight * locator_error(where_logits, small)
-    if cfg.coord_weight:
-        extra = extra + cfg.coord_weight * coordinate_error(points, model.coords_log_px, small)
-    if cfg.fourier_weight:
-        extra = extra + cfg.fourier_weight * fourier_error(
-            waves, model.fourier_log_scale, small, x, background, model.fourier_periods_px)
-    if cfg.mask_weight:
-        extra = extra + cfg.mask_weight * mask_error(mask_logits, x, background, fg)
-    return vae_loss(x_hat, x, mu, logvar, weights, cfg.kl_weight, cfg.free_bits, extra), x_hat
 
 
 @torch.no_grad()
@@ -273,26 +273,6 @@ def _object_weights(frames: torch.Tensor, game_ids: torch.Tensor, refs: GameRefe
     log.info("%.1f%% of the training frames show a small moving object; drawn %gx as often",
              100 * shows.float().mean().item(), oversample)
     return 1 + (oversample - 1) * shows.double()
-
-
-def _backward_step(model, frames, game_ids, refs, cfg,
-                   dtype) -> Callable[[torch.Tensor], LossTerms]:
-    """``(index) -> loss terms`` of the frames at ``index``, their gradients in the parameters'
-    ``.grad`` (clipped); replayed as a CUDA graph where ``--cuda_graph`` allows."""
-    def backward(index: torch.Tensor) -> LossTerms:
-        x = to_float(frames[index])
-        terms, _ = _loss_terms(model, x, *refs.of(game_ids[index]), cfg, dtype)
-        terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-        return terms
-
-    if wants_cuda_graph(cfg.cuda_graph, frames.device):
-        return GraphedBackward(backward, list(model.parameters()), cfg.batch_size)
-
-    def eager(index: torch.Tensor) -> LossTerms:
-        model.zero_grad(set_to_none=True)
-        return backward(index)
-    return eager
 
 
 def _train_epoch(backward, optimizer, scheduler, game_ids, cfg, order_rng, device,
@@ -316,7 +296,7 @@ def _validate(model, val: ValFrames, refs: GameReferences, cfg, dtype) -> dict[s
     sums = torch.zeros(3, device=val.frames_uint8.device)
     scorer = Scorer(count_objects=False)  # the epoch's figures do not include object recall
     for x, mean_frame, background in _batches(val, refs, EVAL_BATCH):
-        terms, x_hat = _loss_terms(model, x, mean_frame, background, cfg, dtype)
+        terms, x_hat = loss_terms(model, x, mean_frame, background, cfg, dtype)
         sums += torch.stack(list(terms)) * len(x)
         scorer.update(x_hat.float(), x, mean_frame, background)
     metrics = scorer.compute()
@@ -388,7 +368,7 @@ def _finish(out, model, state, cfg, val, refs, device) -> TrainResult:
         "training_curves": plots.training_curves(state.history, out / "training_curves.png"),
         "final_reconstructions": _final_preview(out, model, state.epoch, val.frames_uint8),
     }
-    best = _build(cfg).to(device)
+    best = build_model(cfg).to(device)
     best.load_state_dict(torch.load(out / "best_model.pt", map_location=device,
                                     weights_only=True))
     best.eval()

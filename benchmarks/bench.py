@@ -135,9 +135,9 @@ def flops_per_image(cfg, batch: int = 32) -> float:
     """Forward + backward FLOPs of one image (convs and matmuls, as FlopCounterMode counts)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from atari_vae import train
+    from atari_vae import train_step
 
-    model = train._build(cfg)  # the VAE ``cfg`` trains, its heads included
+    model = train_step.build_model(cfg)  # the VAE ``cfg`` trains, its heads included
     x = torch.rand(batch, 3, 64, 64)
     with FlopCounterMode(display=False) as counter:
         x_hat, mu, logvar = model(x)
@@ -161,7 +161,7 @@ def bench_train(ctx: Context) -> None:
 
 
 def _bench_train_width(ctx: Context, train_set, cfg) -> None:
-    from atari_vae import train
+    from atari_vae import train, train_step
     from atari_vae.metrics import game_references
 
     flops = flops_per_image(cfg)
@@ -175,7 +175,7 @@ def _bench_train_width(ctx: Context, train_set, cfg) -> None:
         for name, dtype in precisions().items():
             for layout in ("contiguous", "channels_last"):
                 torch.manual_seed(0)
-                model = train._build(cfg)  # the VAE cfg trains, its heads included
+                model = train_step.build_model(cfg)  # the VAE cfg trains, its heads included
                 model.init_output_bias(refs.backgrounds)
                 if layout == "channels_last":
                     model = model.to(memory_format=torch.channels_last)
@@ -185,7 +185,7 @@ def _bench_train_width(ctx: Context, train_set, cfg) -> None:
 
                 def epoch(data=subset, model=model, opt=opt, sched=sched, gen=gen, dtype=dtype):
                     model.train()
-                    backward = train._backward_step(model, data.frames_uint8, data.game_ids,
+                    backward = train_step.backward_step(model, data.frames_uint8, data.game_ids,
                                                     refs, cfg, dtype)
                     train._train_epoch(backward, opt, sched, data.game_ids, cfg, gen,
                                        torch.device("cpu"))

@@ -30,7 +30,7 @@ from atari_vae.config import TrainConfig
 from atari_vae.losses import pixel_weights, vae_loss
 from atari_vae.model import LEGACY_ARCHITECTURE, VAE
 from atari_vae.schedule import lr_factor
-from atari_vae.train import GRAD_CLIP_NORM
+from atari_vae.train_step import GRAD_CLIP_NORM
 
 
 def collect(env_id: str, num_episodes: int, max_steps: int, seed: int) -> list[torch.Tensor]:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/profile_step.py --precision bf16 --threads 2
 
-Runs the real step (``train._loss_terms``, backward, gradient clipping, fused Adam) on one
+Runs the real step (``train_step.loss_terms``, backward, gradient clipping, fused Adam) on one
 default-sized batch of cached Breakout frames under ``torch.profiler`` and prints the operators
 by self CPU time, then the share of convolutions (forward and backward) against everything else:
 the part that fusing the elementwise loss and optimizer work could win at most. Last, the
@@ -27,7 +27,7 @@ from bench import PEAK_MATMUL_N, matmul_gflops
 from torch.profiler import profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from atari_vae import train
+from atari_vae import train, train_step
 from atari_vae.config import TrainConfig
 from atari_vae.data import load_or_collect
 from atari_vae.envs import resolve_game, to_float
@@ -59,18 +59,18 @@ def main() -> None:
     x = to_float(frames.frames_uint8[:cfg.batch_size])
     refs = game_references(frames.frames_uint8, frames.game_ids, 1)
     cpu = torch.device("cpu")
-    model = train._placed(train._build(cfg), cpu)  # as fit builds, lays out and steps it
+    model = train._placed(train_step.build_model(cfg), cpu)  # as fit builds, lays out and steps it
     model.init_output_bias(refs.backgrounds)
     optimizer = train._optimizer(model, cfg, cpu)
 
     def loss() -> torch.Tensor:
-        return train._loss_terms(model, x, refs.means, refs.backgrounds, cfg, dtype)[0].total
+        return train_step.loss_terms(model, x, refs.means, refs.backgrounds, cfg, dtype)[0].total
 
     def step(loss: Callable[[], torch.Tensor] = loss) -> None:
         total = loss()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.GRAD_CLIP_NORM)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_step.GRAD_CLIP_NORM)
         optimizer.step()
 
     for _ in range(3):

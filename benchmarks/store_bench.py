@@ -100,10 +100,10 @@ def collect(games: list[str], episodes: int) -> dict:
 
 def _fresh_model(cfg, refs):
     """The default VAE (seed 0) as training builds it, Adam, and a flat learning rate."""
-    from atari_vae import train as training
+    from atari_vae.train_step import build_model
 
     torch.manual_seed(0)
-    model = training._build(cfg)
+    model = build_model(cfg)
     model.init_output_bias(refs.backgrounds[:1])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
@@ -112,8 +112,9 @@ def _fresh_model(cfg, refs):
 def _train_pass(model, opt, sched, rows, game_ids, refs, cfg, dtype) -> None:
     """One pass of training's own steps (``train._train_epoch``) over ``rows`` on the CPU."""
     from atari_vae import train as training
+    from atari_vae.train_step import backward_step
 
-    training._train_epoch(training._backward_step(model, rows, game_ids, refs, cfg, dtype),
+    training._train_epoch(backward_step(model, rows, game_ids, refs, cfg, dtype),
                           opt, sched, game_ids, cfg, torch.Generator().manual_seed(1),
                           torch.device("cpu"))
 
