@@ -298,17 +298,15 @@ def region(args: argparse.Namespace) -> None:
     mean_frame, background = reference_frames(frames_uint8)
     empty = usually_empty(mean_frame, background)
     deviation = torch.zeros_like(background, dtype=torch.float64)
+    foreground = torch.zeros_like(background[:, :1], dtype=torch.float64)  # frames per pixel
     for start in range(0, len(frames_uint8), 2048):
         x = to_float(frames_uint8[start:start + 2048])
         deviation += (x - background).abs().sum(dim=0, keepdim=True)
+        foreground += foreground_mask(x, background).sum(dim=0, keepdim=True)
     by_deviation = (deviation / len(frames_uint8)).amax(dim=1, keepdim=True) <= EMPTY_DEVIATION
     swinging = ((empty > 0) & ~by_deviation).nonzero()[:, 2:].tolist()
-
-    def share(r: int, c: int) -> float:  # of the frames where pixel (r, c) is foreground
-        pixel = (slice(None), slice(None), slice(r, r + 1), slice(c, c + 1))
-        return foreground_mask(to_float(frames_uint8[pixel]), background[pixel]).float().mean()
-
-    shares = [f"({r}, {c}) foreground in {share(r, c):.3f}" for r, c in swinging]
+    share = foreground[0, 0] / len(frames_uint8)  # of the frames where each pixel is foreground
+    shares = [f"({r}, {c}) foreground in {share[r, c]:.3f}" for r, c in swinging]
     print(f"{args.game}: {int(empty.sum())} usually-empty pixels of {empty.numel()} on "
           f"{len(frames_uint8)} training frames; a mean absolute deviation test would leave out "
           f"{len(swinging)}: " + ", ".join(shares))
