@@ -82,7 +82,7 @@ def fit(cfg: TrainConfig, train_set: FrameSet, val_set: FrameSet,
         _show(bar, stats, loop.cfg.epochs)
         _keep(loop, epoch, stats, hooks)
     bar.close()
-    return _finish(loop.out, loop.model, loop.state, loop.cfg, loop.val, loop.refs, loop.device)
+    return _finish(loop)
 
 
 @dataclass
@@ -221,8 +221,7 @@ def _keep(loop: _Loop, epoch: int, stats: dict[str, float], hooks: TrainHooks | 
     if hooks:
         hooks.on_epoch_end(epoch, stats)
     if epoch % loop.cfg.checkpoint_freq == 0 or epoch == loop.cfg.epochs:
-        files = _checkpoint(loop.out, epoch, loop.model, loop.optimizer, loop.scheduler,
-                            loop.order_rng, state, loop.cfg, loop.dtype, loop.val.frames_uint8)
+        files = _checkpoint(loop, epoch)
         if hooks:
             hooks.on_checkpoint(epoch, files)
 
@@ -333,46 +332,50 @@ def _final_preview(out: Path, model: VAE, epoch: int, val_frames: torch.Tensor) 
     return path
 
 
-def _checkpoint(out, epoch, model, optimizer, scheduler, order_rng, state, cfg, dtype,
-                val_frames) -> list[Path]:
+def _checkpoint(loop: _Loop, epoch: int) -> list[Path]:
     """Full training state (tensors and plain types only: loadable with weights_only=True)."""
+    state = loop.state
     ckpt = {
         "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "model": loop.model.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "order_rng": order_rng.get_state(),
+        "order_rng": loop.order_rng.get_state(),
         "best_epoch": state.best_epoch,
         "best_val_loss": state.best_val_loss,
         "history": state.history,
-        "config": dataclasses.asdict(cfg),
+        "config": dataclasses.asdict(loop.cfg),
         "loss_version": LOSS_VERSION,
         "run_token": state.run_token,
         "schedule_epochs": state.schedule_epochs,
-        "precision": PRECISION_NAMES[dtype],
+        "precision": PRECISION_NAMES[loop.dtype],
     }
-    path = out / f"checkpoint_epoch_{epoch}.pt"
+    path = loop.out / f"checkpoint_epoch_{epoch}.pt"
     save_atomic(ckpt, path)
-    image = _preview(model, val_frames, out / f"reconstructions_epoch_{epoch}.png",
+    image = _preview(loop.model, loop.val.frames_uint8,
+                     loop.out / f"reconstructions_epoch_{epoch}.png",
                      f"validation frames, epoch {epoch}")
     return [path, image]
 
 
-def _finish(out, model, state, cfg, val, refs, device) -> TrainResult:
-    save_atomic(model.state_dict(), out / "final_model.pt")
+def _finish(loop: _Loop) -> TrainResult:
+    """Save the final model and plots, then score the best model on the validation frames."""
+    out, state = loop.out, loop.state
+    save_atomic(loop.model.state_dict(), out / "final_model.pt")
     files = {
         "final_model": out / "final_model.pt",
         "best_model": out / "best_model.pt",
         "training_curves": plots.training_curves(state.history, out / "training_curves.png"),
-        "final_reconstructions": _final_preview(out, model, state.epoch, val.frames_uint8),
+        "final_reconstructions": _final_preview(out, loop.model, state.epoch,
+                                                loop.val.frames_uint8),
     }
-    best = build_model(cfg).to(device)
-    best.load_state_dict(torch.load(out / "best_model.pt", map_location=device,
+    best = build_model(loop.cfg).to(loop.device)
+    best.load_state_dict(torch.load(out / "best_model.pt", map_location=loop.device,
                                     weights_only=True))
     best.eval()
     with torch.no_grad():
-        val_metrics = score(lambda x: best(x)[0], _batches(val, refs, EVAL_BATCH))
+        val_metrics = score(lambda x: best(x)[0], _batches(loop.val, loop.refs, EVAL_BATCH))
     return TrainResult(best, state.best_epoch, state.best_val_loss, val_metrics, state.history,
                        files)
