@@ -13,6 +13,9 @@
 #   VAE_MODEL=outputs/probe/Breakout-loc30-60ep/train/best_model.pt FEATURES=mu_delta \
 #     MLFLOW_TRACKING_URI=sqlite:///outputs/plan-loc.db bash benchmarks/plan.sh Breakout
 #       registers that model file instead (into its own store), plans with those features
+#   PLAN_FLAGS="--generations 40 --time_budget_minutes 0" bash benchmarks/plan.sh Breakout
+#       more flags for `atari-vae plan` (here: a generation budget, so that a busy machine
+#       slows the job down but does not change its scores); PLAN_OUT=<dir> puts its files there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 games=${*:-Breakout Pong}
@@ -22,7 +25,7 @@ export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 uri=$MLFLOW_TRACKING_URI
 for game in $games; do
   lower=$(echo "$game" | tr '[:upper:]' '[:lower:]')
-  out=outputs/plan-$lower${FEATURES:+-$FEATURES}
+  out=${PLAN_OUT:-outputs/plan-$lower${FEATURES:+-$FEATURES}}
   if ! $py -c "import mlflow, sys; mlflow.set_tracking_uri('$uri'); \
 mlflow.MlflowClient().get_model_version_by_alias('atari-vae-$lower', 'champion')" 2>/dev/null
   then
@@ -35,8 +38,9 @@ mlflow.MlflowClient().get_model_version_by_alias('atari-vae-$lower', 'champion')
     $py -m atari_vae register --model_path "$model" --env_name "$game" \
       --experiment_name atari-vae-plan
   fi
+  # shellcheck disable=SC2086  # PLAN_FLAGS is a list of flags
   /usr/bin/time -f "$game plan wall %e s" $py -m atari_vae plan --env_name "$game" \
     --time_budget_minutes "${BUDGET:-6}" --output_dir "$out" --features "${FEATURES:-mu}" \
-    --experiment_name atari-vae-plan
+    --experiment_name atari-vae-plan ${PLAN_FLAGS:-}
   cat "$out/summary.txt"
 done
