@@ -16,9 +16,14 @@
 #   PLAN_FLAGS="--generations 40 --time_budget_minutes 0" bash benchmarks/plan.sh Breakout
 #       more flags for `atari-vae plan` (here: a generation budget, so that a busy machine
 #       slows the job down but does not change its scores); PLAN_OUT=<dir> puts its files there
+#       (one game per call)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 games=${*:-Breakout Pong}
+if [ -n "${PLAN_OUT:-}" ] && [ "$(echo "$games" | wc -w)" -gt 1 ]; then
+  echo "PLAN_OUT names one game's directory; give one game, got: $games" >&2
+  exit 2
+fi
 py=${PYTHON:-.venv/bin/python}
 export MLFLOW_DISABLE_TELEMETRY=true
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
