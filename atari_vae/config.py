@@ -313,6 +313,7 @@ class ServeConfig:
 
 CONTROL_CHOICES = ("random_encoder", "none")
 FEATURE_CHOICES = ("mu", "mu_delta")
+SERVE_CHOICES = ("controller", "auto")
 # Test episodes are seeded from seed + TEST_SEED_OFFSET on; training episodes use seeds
 # seed .. seed + generations * episodes_per_candidate - 1, which validate() keeps below it.
 TEST_SEED_OFFSET = 1_000_000
@@ -337,6 +338,10 @@ class PlanConfig:
         "fitness = their mean score.")
     max_steps: int = flag(1000, "Longest episode, in agent steps (frameskip 4), training and "
                           "test alike.")
+    serve: str = flag(
+        "controller", "Who presses FIRE to serve: the controller, or auto (FIRE on the first "
+        "step and after each lost life, as FireResetEnv under EpisodicLifeEnv; the "
+        "controller plays the rally; every policy, random and control too).", choices=SERVE_CHOICES)
     test_episodes: int = flag(
         30, f"Fresh test episodes (seeds from seed + {TEST_SEED_OFFSET}, never trained on) "
         "for the controller, the random policy and the control.")
@@ -371,6 +376,7 @@ class PlanConfig:
                               f"{TEST_SEED_OFFSET} (training seeds would reach test seeds)")
         check.one_of(self, "features", FEATURE_CHOICES)
         check.one_of(self, "control", CONTROL_CHOICES)
+        check.one_of(self, "serve", SERVE_CHOICES)
         check.one_of(self, "device", DEVICE_CHOICES, prefix=True)
         check.model_name(self.model_name)
         if not self.alias.strip():

@@ -164,6 +164,8 @@ class Policy:
                                 f"the VAE has {vae.latent_dim}")
         self.vae, self.controller = vae, controller
         self.action_names = controller.metadata.get("action_names")
+        # "auto": planned with the env serving (FIRE after a lost life): play it in AutoServe
+        self.serve = controller.metadata.get("serve", "controller")
         self._prev: np.ndarray | None = None
 
     def reset(self) -> None:

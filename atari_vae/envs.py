@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,26 @@ def make_env(game: Game, render_mode: str | None = None):
 
     gym.register_envs(ale_py)
     return gym.make(game.env_id, render_mode=render_mode)
+
+
+@functools.cache
+def action_meanings(game: Game) -> tuple[str, ...]:
+    """The game's minimal action set by name, in index order (what env.step takes)."""
+    env = make_env(game)
+    try:
+        return tuple(env.unwrapped.get_action_meanings())
+    finally:
+        env.close()
+
+
+def fire_action(game: Game) -> int | None:
+    """The index of FIRE in the minimal action set, or None for a game without it."""
+    return fire_in(action_meanings(game))
+
+
+def fire_in(action_names: Sequence[str]) -> int | None:
+    """The index of FIRE among ``action_names``, or None."""
+    return action_names.index("FIRE") if "FIRE" in action_names else None
 
 
 @functools.cache

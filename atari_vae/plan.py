@@ -6,7 +6,7 @@ it is told the negative). Before the first generation, the features are standard
 random-policy episodes seeded from ``seed + CALIBRATION_SEED_OFFSET``. The controller kept is
 CMA-ES's distribution mean (``xfavorite``), less lucky than the best single candidate on a few
 noisy episodes. Test episodes are seeded from ``seed + TEST_SEED_OFFSET`` on: never a training
-seed (``PlanConfig.validate``).
+seed (``PlanConfig.validate``). Every episode, of every policy, follows ``--serve``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ from tqdm.auto import tqdm
 
 from atari_vae.config import TEST_SEED_OFFSET, PlanConfig
 from atari_vae.controller import LinearController, n_params, standardisation
+from atari_vae.envs import fire_action
 from atari_vae.rollout import (
+    Actor,
     EnvPool,
     Episodes,
     FeatureRecorder,
+    FixedActor,
     LatentActor,
     RandomActor,
     play,
@@ -68,13 +71,20 @@ def held_out_seeds(cfg: PlanConfig) -> np.ndarray:
     return np.arange(first, first + cfg.test_episodes, dtype=np.int64)
 
 
+def episodes(pool: EnvPool, cfg: PlanConfig, seeds: np.ndarray, actor: Actor,
+             record: bool = False) -> Episodes:
+    """``seeds`` played side by side under the config's step cap and serve rule."""
+    serve_action = fire_action(pool.game) if cfg.serve == "auto" else None
+    return play(pool.get(len(seeds)), seeds, actor, cfg.max_steps, record, serve_action)
+
+
 def calibrate(vae: torch.nn.Module, pool: EnvPool, cfg: PlanConfig
               ) -> tuple[np.ndarray, np.ndarray]:
     """(shift, scale) standardising the controller's features, from random-policy episodes."""
     n = cfg.popsize * cfg.episodes_per_candidate
     seeds = np.arange(n, dtype=np.int64) + cfg.seed + CALIBRATION_SEED_OFFSET
     recorder = FeatureRecorder(vae, cfg.features, n, pool.n_actions(), cfg.seed)
-    play(pool.get(n), seeds, recorder, cfg.max_steps)
+    episodes(pool, cfg, seeds, recorder)
     return standardisation(np.concatenate(recorder.kept))
 
 
@@ -96,7 +106,6 @@ def train_controller(vae: torch.nn.Module, pool: EnvPool, cfg: PlanConfig,
     # pycma takes seed 0 as "from the clock": seed + 1 keeps runs reproducible
     es = cma.CMAEvolutionStrategy(np.zeros(dim), cfg.sigma0,
                                   {"popsize": cfg.popsize, "seed": cfg.seed + 1, "verbose": -9})
-    env = pool.get(cfg.popsize * cfg.episodes_per_candidate)
     owner = np.repeat(np.arange(cfg.popsize), cfg.episodes_per_candidate)
     result = Training(controller(np.zeros(dim)))
     started = time.monotonic()
@@ -110,12 +119,12 @@ def train_controller(vae: torch.nn.Module, pool: EnvPool, cfg: PlanConfig,
         candidates = es.ask()
         actor = LatentActor(vae, [controller(x) for x in candidates], owner)
         seeds = np.tile(train_seeds(cfg, generation), cfg.popsize)
-        episodes = play(env, seeds, actor, cfg.max_steps)
-        fitness = episodes.scores.reshape(cfg.popsize, -1).mean(axis=1)
+        played = episodes(pool, cfg, seeds, actor)
+        fitness = played.scores.reshape(cfg.popsize, -1).mean(axis=1)
         es.tell(candidates, (-fitness).tolist())
         stats = {"score_mean": float(fitness.mean()), "score_best": float(fitness.max()),
                  "score_worst": float(fitness.min()), "sigma": float(es.sigma),
-                 "steps": float(episodes.lengths.sum()),
+                 "steps": float(played.lengths.sum()),
                  "seconds": time.monotonic() - started}
         result.history.append(stats)
         hooks.on_generation(generation, stats)
@@ -129,14 +138,22 @@ def score_controller(vae: torch.nn.Module, ctrl: LinearController, pool: EnvPool
     """The controller on the test seeds, all episodes side by side."""
     seeds = held_out_seeds(cfg)
     actor = LatentActor(vae, [ctrl], np.zeros(len(seeds), dtype=np.int64))
-    return play(pool.get(len(seeds)), seeds, actor, cfg.max_steps, record=record)
+    return episodes(pool, cfg, seeds, actor, record)
 
 
 def score_random_policy(pool: EnvPool, cfg: PlanConfig) -> Episodes:
     """Uniformly random actions on the same test seeds."""
     seeds = held_out_seeds(cfg)
-    return play(pool.get(len(seeds)), seeds, RandomActor(pool.n_actions(), cfg.seed),
-                cfg.max_steps)
+    return episodes(pool, cfg, seeds, RandomActor(pool.n_actions(), cfg.seed))
+
+
+def score_fixed_actions(pool: EnvPool, cfg: PlanConfig) -> tuple[int, Episodes]:
+    """The action that, held every step, scores most on the test seeds, and its episodes: the
+    best open-loop constant policy (picked on the test seeds, so a bound in its favour)."""
+    seeds = held_out_seeds(cfg)
+    played = [episodes(pool, cfg, seeds, FixedActor(a)) for a in range(pool.n_actions())]
+    best = int(np.argmax([p.scores.mean() for p in played]))  # ties: the lowest index
+    return best, played[best]
 
 
 def summary_table(rows: dict[str, np.ndarray], game: str, max_steps: int) -> str:

@@ -17,12 +17,19 @@ import torch
 from atari_vae import plots, policy_registry, registry, tracking
 from atari_vae.config import PlanConfig
 from atari_vae.controller import encode_frames, save_controller_dir
-from atari_vae.envs import FRAMESKIP, STICKY_ACTION_PROB, Game, make_env, resolve_game
+from atari_vae.envs import (
+    FRAMESKIP,
+    STICKY_ACTION_PROB,
+    Game,
+    action_meanings,
+    resolve_game,
+)
 from atari_vae.files import atomic_write_text
 from atari_vae.model import random_init_like
 from atari_vae.plan import (
     held_out_seeds,
     score_controller,
+    score_fixed_actions,
     score_random_policy,
     summary_table,
     train_controller,
@@ -35,6 +42,7 @@ from atari_vae.runtime import resolve_device
 log = logging.getLogger(__name__)
 STRIP_FRAMES = 8
 OURS, RANDOM, CONTROL = "ours (VAE z)", "random policy", "control (random encoder)"
+FIXED = "best fixed action"
 
 
 @dataclass
@@ -45,6 +53,7 @@ class PlanResult:
     controller_name: str = ""
     controller_version: str = ""
     champion_decision: str = ""
+    fixed_action: str = ""  # the action FIXED holds
     run_id: str = ""
     table: str = ""
 
@@ -79,12 +88,14 @@ def _plan(cfg: PlanConfig, game: Game, vae: torch.nn.Module, vae_name: str, vae_
     started = time.monotonic()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = action_names(game)
+    names = list(action_meanings(game))
     metadata = {"game": game.title, "action_names": names, VAE_NAME_TAG: vae_name,
-                VAE_VERSION_TAG: vae_version}
+                VAE_VERSION_TAG: vae_version, "serve": cfg.serve}
     ours = train_controller(vae, pool, cfg, metadata, tracking.MlflowPlanHooks("plan/"), "plan")
     test = score_controller(vae, ours.controller, pool, cfg, record=True)
-    result = PlanResult({OURS: test.scores, RANDOM: score_random_policy(pool, cfg).scores})
+    fixed, held = score_fixed_actions(pool, cfg)
+    result = PlanResult({OURS: test.scores, RANDOM: score_random_policy(pool, cfg).scores,
+                         FIXED: held.scores}, fixed_action=names[fixed])
     metrics = {"plan/train_seconds": ours.seconds, "plan/generations": len(ours.history)}
     if cfg.control == "random_encoder":
         control_vae = random_init_like(vae, cfg.seed).eval()
@@ -94,13 +105,16 @@ def _plan(cfg: PlanConfig, game: Game, vae: torch.nn.Module, vae_name: str, vae_
                                                   cfg).scores
         metrics.update({"plan/control_train_seconds": control.seconds,
                         "plan/control_generations": len(control.history)})
-    for key, scores in ((OURS, "test"), (RANDOM, "random_policy"), (CONTROL, "control_test")):
+    for key, scores in ((OURS, "test"), (RANDOM, "random_policy"), (FIXED, "fixed_action"),
+                        (CONTROL, "control_test")):
         if key in result.scores:
             metrics[f"plan/{scores}_score_mean"] = float(result.scores[key].mean())
             metrics[f"plan/{scores}_score_std"] = float(result.scores[key].std())
     metrics["plan/job_seconds"] = time.monotonic() - started
     tracking.log_metrics(metrics)
-    result.table = summary_table(result.scores, game.title, cfg.max_steps)
+    rows = {f"{k}: {result.fixed_action}" if k == FIXED else k: v
+            for k, v in result.scores.items()}
+    result.table = summary_table(rows, game.title, cfg.max_steps)
     log.info("test scores\n%s", result.table)
     save_controller_dir(ours.controller, out / "controller")  # the logged model has it too
     tracking.log_files(_write_outputs(cfg, out, vae, test, names, result, metrics))
@@ -125,7 +139,8 @@ def _write_outputs(cfg: PlanConfig, out: Path, vae: torch.nn.Module, test: Episo
     atomic_write_text(out / "summary.txt", result.table + "\n")
     atomic_write_text(out / "scores.json", json.dumps({
         "test_seeds": held_out_seeds(cfg).tolist(), "max_steps": cfg.max_steps,
-        "scores": {k: v.tolist() for k, v in result.scores.items()}, "metrics": metrics},
+        "scores": {k: v.tolist() for k, v in result.scores.items()},
+        "fixed_action": result.fixed_action, "metrics": metrics},
         indent=2))
     pick = np.linspace(0, len(test.frames) - 1, min(STRIP_FRAMES, len(test.frames))).astype(int)
     frames = torch.from_numpy(test.frames[pick])
@@ -148,6 +163,8 @@ def _register(cfg: PlanConfig, game: Game, ctrl, vae_name: str, vae_version: str
     seeds = held_out_seeds(cfg)
     protocol = (f"{game.title} test seeds {seeds[0]}..{seeds[-1]} max_steps={cfg.max_steps} "
                 f"frameskip={FRAMESKIP} sticky={STICKY_ACTION_PROB} ale={ale_py.__version__}")
+    if cfg.serve != "controller":  # the protocol of every earlier run stays what it was
+        protocol += f" serve={cfg.serve}"
     name = policy_registry.controller_name(vae_name)
     version, reason, _ = policy_registry.register_controller(
         info.model_uri, name, {VAE_NAME_TAG: vae_name, VAE_VERSION_TAG: vae_version,
@@ -156,13 +173,4 @@ def _register(cfg: PlanConfig, game: Game, ctrl, vae_name: str, vae_version: str
     result.controller_name, result.controller_version = name, version
     result.champion_decision = reason
     tracking.set_tags({"registered_model": name, "registered_version": version,
-                       "champion_decision": reason})
-
-
-def action_names(game: Game) -> list[str]:
-    """The game's minimal action set by name, in the index order the controller outputs."""
-    env = make_env(game)
-    try:
-        return list(env.unwrapped.get_action_meanings())
-    finally:
-        env.close()
+                       "champion_decision": reason, "fixed_action": result.fixed_action})

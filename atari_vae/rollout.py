@@ -3,7 +3,9 @@
 Every env plays one episode from a reset with its own seed (sticky actions included, so the
 same seed and actions give the same episode), until game over or ``max_steps`` agent steps.
 Observations are the vector env's 64x64 RGB frames, bit-exact with ``preprocess`` of the raw
-frame, so a controller trained here acts the same on ``make_env``'s raw observations.
+frame, so a controller trained here acts the same on ``make_env``'s raw observations. With a
+``serve_action`` the env serves for the actor (``AutoServe`` is the same rule for one gymnasium
+env).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import gymnasium as gym
 import numpy as np
 import torch
 
 from atari_vae.controller import LinearController, encode_frames, make_features
-from atari_vae.envs import Game, make_vector_env
+from atari_vae.envs import Game, fire_in, make_vector_env
 
 # (frames (n, 3, 64, 64) uint8 of the envs still playing, their env indices) -> (n,) actions
 Actor = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -59,34 +62,66 @@ def _in_env_order(env_ids: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
     return [a[order] for a in arrays]
 
 
-def play(env, seeds: np.ndarray, actor: Actor, max_steps: int,
-         record: bool = False) -> Episodes:
-    """One episode per env from a reset seeded ``seeds[i]``; ``len(seeds)`` == env count."""
+def play(env, seeds: np.ndarray, actor: Actor, max_steps: int, record: bool = False,
+         serve_action: int | None = None) -> Episodes:
+    """One episode per env from a reset seeded ``seeds[i]``; ``len(seeds)`` == env count.
+
+    ``serve_action`` (FIRE) replaces the actor's action on each episode's first step and on
+    the step after a lost life; the actor still sees every frame.
+    """
     n = len(seeds)
     obs, info = env.reset(seed=np.asarray(seeds, dtype=np.int64))
-    (obs,) = _in_env_order(info["env_id"], obs)
+    obs, lives = _in_env_order(info["env_id"], obs, info["lives"])
     frames = obs[:, 0].transpose(0, 3, 1, 2)
     alive, scores = np.ones(n, dtype=bool), np.zeros(n)
+    serve_due = np.ones(n, dtype=bool)
     lengths = np.zeros(n, dtype=np.int64)
     kept_frames, kept_actions = [], []
     for _ in range(max_steps):
         live = np.flatnonzero(alive)
         actions = np.zeros(n, dtype=np.int64)
         actions[live] = actor(np.ascontiguousarray(frames[live]), live)
+        if serve_action is not None:
+            actions[serve_due & alive] = serve_action
         if record and alive[0]:
             kept_frames.append(frames[0].copy())
             kept_actions.append(int(actions[0]))
         obs, reward, terminated, truncated, info = env.step(actions)
-        obs, reward, ended = _in_env_order(info["env_id"], obs, reward, terminated | truncated)
+        obs, reward, ended, now = _in_env_order(info["env_id"], obs, reward,
+                                                terminated | truncated, info["lives"])
         scores += np.where(alive, reward, 0.0)
         lengths += alive
         alive &= ~ended
+        serve_due, lives = now < lives, now
         if not alive.any():
             break
         frames = obs[:, 0].transpose(0, 3, 1, 2)
     if not record:
         return Episodes(scores, lengths)
     return Episodes(scores, lengths, np.stack(kept_frames), np.array(kept_actions))
+
+
+class AutoServe(gym.Wrapper):
+    """One gymnasium env that serves for its agent, as ``play`` with a ``serve_action``: FIRE
+    on the first step and after each lost life, whatever the agent chose."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.serve_action = fire_in(env.unwrapped.get_action_meanings())
+        self._lives, self._serve_due = 0, True
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self._lives, self._serve_due = info["lives"], self.serve_action is not None
+        return obs, info
+
+    def step(self, action):
+        if self._serve_due:
+            action = self.serve_action
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self._serve_due = info["lives"] < self._lives and self.serve_action is not None
+        self._lives = info["lives"]
+        return obs, reward, terminated, truncated, info
 
 
 class LatentActor:
@@ -121,6 +156,17 @@ class RandomActor:
 
     def __call__(self, frames: np.ndarray, envs: np.ndarray) -> np.ndarray:
         return self.rng.integers(self.n_actions, size=len(envs))
+
+
+class FixedActor:
+    """The same action every step: the open-loop baseline (Breakout's paddle parked at a wall
+    still returns some serves)."""
+
+    def __init__(self, action: int) -> None:
+        self.action = action
+
+    def __call__(self, frames: np.ndarray, envs: np.ndarray) -> np.ndarray:
+        return np.full(len(envs), self.action, dtype=np.int64)
 
 
 class FeatureRecorder(RandomActor):

@@ -16,10 +16,10 @@ import atari_vae
 from atari_vae import plan, policy_registry, tracking
 from atari_vae.config import PlanConfig
 from atari_vae.controller import LinearController, load_controller_dir, make_features
-from atari_vae.envs import make_env, resolve_game
+from atari_vae.envs import fire_action, make_env, resolve_game
 from atari_vae.errors import AtariVaeError, ConfigError
 from atari_vae.plan_job import plan_job
-from atari_vae.rollout import EnvPool, RandomActor, play
+from atari_vae.rollout import EnvPool, FixedActor, play
 from tests.conftest import REPO
 
 VAE_NAME = "atari-vae-breakout"
@@ -41,8 +41,10 @@ def test_plan_job_logs_generations_registers_the_controller_and_load_policy_play
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
     metrics = run.data.metrics
     for key in ("plan/test_score_mean", "plan/test_score_std", "plan/random_policy_score_mean",
-                "plan/control_test_score_mean"):
+                "plan/fixed_action_score_mean", "plan/control_test_score_mean"):
         assert np.isfinite(metrics[key]), key
+    assert tags["fixed_action"] == result.fixed_action in ("NOOP", "FIRE", "RIGHT", "LEFT")
+    assert f"best fixed action: {result.fixed_action}" in result.table
     assert metrics["plan/test_score_mean"] == pytest.approx(
         result.scores["ours (VAE z)"].mean())
     assert {"policy_strip.png", "summary.txt", "scores.json"} <= {
@@ -150,13 +152,32 @@ def test_test_seeds_never_meet_training_seeds_and_too_many_generations_are_refus
         PlanConfig(generations=600_000, episodes_per_candidate=2).validate()
 
 
-def test_seeded_episodes_replay_exactly():
-    pool = EnvPool(resolve_game("Breakout"), max_steps=40)
+
+def test_an_auto_serve_plan_names_the_rule_in_its_protocol_and_its_controller(
+        champion_vae, tmp_path):
+    cfg = PlanConfig(**{**TINY, "generations": 1, "control": "none", "serve": "auto"},
+                     output_dir=str(tmp_path / "plan"))
+    result = plan_job(cfg)
+    version = mlflow.MlflowClient().get_model_version(result.controller_name, "1")
+    assert version.tags["test_protocol"].endswith(" serve=auto")
+    policy = atari_vae.load_policy(result.controller_name, version=1)
+    assert policy.serve == "auto" and policy.controller.metadata["serve"] == "auto"
+
+
+def test_an_unknown_serve_rule_is_refused_naming_the_allowed_ones():
+    with pytest.raises(ConfigError, match="controller.*auto"):
+        PlanConfig(serve="never").validate()
+
+
+def test_the_best_fixed_action_is_the_held_action_that_scores_most_on_the_test_seeds():
+    cfg = PlanConfig(max_steps=400, test_episodes=3, serve="auto")
+    game = resolve_game("Breakout")
+    pool = EnvPool(game, cfg.max_steps)
     try:
-        seeds = np.array([3, 4, 3])
-        runs = [play(pool.get(3), seeds, RandomActor(4, 0), 40, record=True) for _ in range(2)]
+        best, held = plan.score_fixed_actions(pool, cfg)
+        means = [play(pool.get(3), plan.held_out_seeds(cfg), FixedActor(a), 400,
+                      serve_action=fire_action(game)).scores.mean() for a in range(4)]
     finally:
         pool.close()
-    np.testing.assert_array_equal(runs[0].scores, runs[1].scores)
-    np.testing.assert_array_equal(runs[0].frames, runs[1].frames)
-    assert runs[0].frames.shape[1:] == (3, 64, 64) and runs[0].lengths.max() <= 40
+    assert best == int(np.argmax(means)) and held.scores.mean() == max(means)
+    assert max(means) > 0  # a paddle held at a wall returns some served balls
