@@ -78,4 +78,8 @@ def resolve(collect_policy: str, mix: float, game: Game) -> CollectPolicy | None
     if trained_on and trained_on != game.title:
         raise AtariVaeError(f"--collect_policy {collect_policy} plays {trained_on}, not "
                             f"{game.title}")
+    if policy.serve != "controller":  # collection plays it without an env that serves for it
+        raise AtariVaeError(f"--collect_policy {collect_policy} was planned with --serve "
+                            f"{policy.serve} and would wait for a serve it never makes; use a "
+                            "controller planned with --serve controller (the default)")
     return CollectPolicy(policy, f"models:/{name}/{version}", mix)

@@ -156,12 +156,14 @@ def score_fixed_actions(pool: EnvPool, cfg: PlanConfig) -> tuple[int, Episodes]:
     return best, played[best]
 
 
-def summary_table(rows: dict[str, np.ndarray], game: str, max_steps: int) -> str:
+def summary_table(rows: dict[str, np.ndarray], game: str, max_steps: int,
+                  serve: str = "controller") -> str:
     """A small text table: policy, mean +- std, min, max of the test scores."""
-    n = len(next(iter(rows.values())))
+    n, width = len(next(iter(rows.values()))), max(28, *(len(name) + 2 for name in rows))
     lines = [f"{game}: {n} test episodes (the same seeds for every policy, max {max_steps} "
-             f"steps)", f"{'policy':<28}{'mean':>8}{'std':>8}{'min':>8}{'max':>8}"]
+             f"steps, serve: {serve})", f"{'policy':<{width}}{'mean':>8}{'std':>8}{'min':>8}"
+             f"{'max':>8}"]
     for name, scores in rows.items():
-        lines.append(f"{name:<28}{scores.mean():>8.2f}{scores.std():>8.2f}"
+        lines.append(f"{name:<{width}}{scores.mean():>8.2f}{scores.std():>8.2f}"
                      f"{scores.min():>8.1f}{scores.max():>8.1f}")
     return "\n".join(lines)

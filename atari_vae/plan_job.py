@@ -105,16 +105,12 @@ def _plan(cfg: PlanConfig, game: Game, vae: torch.nn.Module, vae_name: str, vae_
                                                   cfg).scores
         metrics.update({"plan/control_train_seconds": control.seconds,
                         "plan/control_generations": len(control.history)})
-    for key, scores in ((OURS, "test"), (RANDOM, "random_policy"), (FIXED, "fixed_action"),
-                        (CONTROL, "control_test")):
-        if key in result.scores:
-            metrics[f"plan/{scores}_score_mean"] = float(result.scores[key].mean())
-            metrics[f"plan/{scores}_score_std"] = float(result.scores[key].std())
+    metrics.update(_test_metrics(result.scores))
     metrics["plan/job_seconds"] = time.monotonic() - started
     tracking.log_metrics(metrics)
     rows = {f"{k}: {result.fixed_action}" if k == FIXED else k: v
             for k, v in result.scores.items()}
-    result.table = summary_table(rows, game.title, cfg.max_steps)
+    result.table = summary_table(rows, game.title, cfg.max_steps, cfg.serve)
     log.info("test scores\n%s", result.table)
     save_controller_dir(ours.controller, out / "controller")  # the logged model has it too
     tracking.log_files(_write_outputs(cfg, out, vae, test, names, result, metrics))
@@ -123,12 +119,26 @@ def _plan(cfg: PlanConfig, game: Game, vae: torch.nn.Module, vae_name: str, vae_
     return result
 
 
-def _champion_score(cfg: PlanConfig, pool: EnvPool, vae_name: str, version: str) -> float:
+def _test_metrics(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """``plan/<policy>_score_mean`` and ``_std`` of each policy played on the test seeds."""
+    metrics = {}
+    for key, label in ((OURS, "test"), (RANDOM, "random_policy"), (FIXED, "fixed_action"),
+                       (CONTROL, "control_test")):
+        if key in scores:
+            metrics[f"plan/{label}_score_mean"] = float(scores[key].mean())
+            metrics[f"plan/{label}_score_std"] = float(scores[key].std())
+    return metrics
+
+
+def _champion_score(cfg: PlanConfig, pool: EnvPool, vae_name: str, version: str
+                    ) -> float | None:
     """The mean score of a registered controller version (with its VAE) on this run's test
-    seeds: how a champion tested on other episodes is compared."""
+    seeds: how a champion tested on other episodes is compared; None under another serve."""
     champion = policy_registry.load_policy(policy_registry.controller_name(vae_name),
                                            version=version,
                                            device=str(resolve_device(cfg.device)))
+    if champion.serve != cfg.serve:  # it was trained for another game flow: no fair match
+        return None
     return float(score_controller(champion.vae, champion.controller, pool, cfg).scores.mean())
 
 
@@ -139,6 +149,7 @@ def _write_outputs(cfg: PlanConfig, out: Path, vae: torch.nn.Module, test: Episo
     atomic_write_text(out / "summary.txt", result.table + "\n")
     atomic_write_text(out / "scores.json", json.dumps({
         "test_seeds": held_out_seeds(cfg).tolist(), "max_steps": cfg.max_steps,
+        "serve": cfg.serve,
         "scores": {k: v.tolist() for k, v in result.scores.items()},
         "fixed_action": result.fixed_action, "metrics": metrics},
         indent=2))
@@ -150,12 +161,12 @@ def _write_outputs(cfg: PlanConfig, out: Path, vae: torch.nn.Module, test: Episo
     labels = [f"t={t}: {names[a]}" for t, a in zip(pick.tolist(), test.actions[pick].tolist())]
     strip = plots.policy_strip(frames.float() / 255, recons, labels, out / "policy_strip.png",
                                f"{cfg.env_name}: test episode 1 (score {test.scores[0]:g}): "
-                               f"frame, reconstruction, controller's action")
+                               f"frame, reconstruction, action played")
     return [out / "summary.txt", out / "scores.json", strip]
 
 
 def _register(cfg: PlanConfig, game: Game, ctrl, vae_name: str, vae_version: str,
-              result: PlanResult, rescore: Callable[[str], float]) -> None:
+              result: PlanResult, rescore: Callable[[str], float | None]) -> None:
     """Log the controller, register it as ``<vae name>-controller``, decide the champion."""
     import ale_py
 
@@ -168,7 +179,8 @@ def _register(cfg: PlanConfig, game: Game, ctrl, vae_name: str, vae_version: str
     name = policy_registry.controller_name(vae_name)
     version, reason, _ = policy_registry.register_controller(
         info.model_uri, name, {VAE_NAME_TAG: vae_name, VAE_VERSION_TAG: vae_version,
-                               "game": game.title, "features": ctrl.features},
+                               "game": game.title, "features": ctrl.features,
+                               "serve": cfg.serve},
         float(result.scores[OURS].mean()), protocol, rescore)
     result.controller_name, result.controller_version = name, version
     result.champion_decision = reason

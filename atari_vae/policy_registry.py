@@ -95,10 +95,11 @@ def log_controller_model(ctrl: LinearController) -> Any:
 
 
 def register_controller(model_uri: str, name: str, tags: dict[str, Any], score: float,
-                        protocol: str, rescore: Callable[[str], float] | None = None
+                        protocol: str, rescore: Callable[[str], float | None] | None = None
                         ) -> tuple[str, str, bool]:
     """Register a logged controller as ``name``; (version, champion decision, is champion).
-    ``rescore(version)``: the mean test score of a registered version on ``protocol``."""
+    ``rescore(version)``: a registered version's mean test score on ``protocol``, None if it
+    cannot play it."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -119,20 +120,22 @@ def register_controller(model_uri: str, name: str, tags: dict[str, Any], score: 
 
 
 def _decide(client: Any, name: str, version: str, score: float, protocol: str,
-            rescore: Callable[[str], float] | None) -> tuple[str, bool]:
+            rescore: Callable[[str], float | None] | None) -> tuple[str, bool]:
     """(why, whether ``version`` takes the alias) under the module's champion rule."""
     aliases = client.get_registered_model(name).aliases
     holder = str(aliases[CHAMPION]) if CHAMPION in aliases else None
     if holder is None:
         return f"no champion yet; test score {score:.2f}", True
     old = _score_on(client.get_model_version(name, holder).tags, protocol)
-    if old is None:
-        if rescore is None:
-            return (f"champion version {holder} was tested on other episodes; not compared, "
-                    f"the champion stays"), False
+    if old is None and rescore is not None:
         log.info("playing champion version %s of %s on this run's test episodes", holder, name)
-        old = float(rescore(holder))
-        tracking.set_version_tags(client, name, holder, {protocol_score_tag(protocol): repr(old)})
+        old = rescore(holder)
+        if old is not None:
+            tracking.set_version_tags(client, name, holder,
+                                      {protocol_score_tag(protocol): repr(old)})
+    if old is None:
+        return (f"champion version {holder} was tested on other episodes or plays under "
+                f"another serve rule; not compared, the champion stays"), False
     if score > old or old != old:  # NaN: a champion without a readable score
         return f"test score {score:.2f} beats champion version {holder}'s {old:.2f}", True
     return f"test score {score:.2f} does not beat champion version {holder}'s {old:.2f}", False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -65,10 +66,8 @@ def _in_env_order(env_ids: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
 def play(env, seeds: np.ndarray, actor: Actor, max_steps: int, record: bool = False,
          serve_action: int | None = None) -> Episodes:
     """One episode per env from a reset seeded ``seeds[i]``; ``len(seeds)`` == env count.
-
-    ``serve_action`` (FIRE) replaces the actor's action on each episode's first step and on
-    the step after a lost life; the actor still sees every frame.
-    """
+    ``serve_action`` (FIRE) replaces the actor's action on an episode's first step and on the
+    step after a lost life (the actor still sees every frame; ``actions`` are those played)."""
     n = len(seeds)
     obs, info = env.reset(seed=np.asarray(seeds, dtype=np.int64))
     obs, lives = _in_env_order(info["env_id"], obs, info["lives"])
@@ -108,14 +107,14 @@ class AutoServe(gym.Wrapper):
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
         self.serve_action = fire_in(env.unwrapped.get_action_meanings())
-        self._lives, self._serve_due = 0, True
+        self._lives, self._serve_due = 0, self.serve_action is not None
 
-    def reset(self, **kwargs):
+    def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict]:
         obs, info = self.env.reset(**kwargs)
         self._lives, self._serve_due = info["lives"], self.serve_action is not None
         return obs, info
 
-    def step(self, action):
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self._serve_due:
             action = self.serve_action
         obs, reward, terminated, truncated, info = self.env.step(action)

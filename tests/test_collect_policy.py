@@ -100,6 +100,20 @@ def test_bad_collect_policy_flags_are_refused_in_one_line(flags, fragment):
     assert "\n" not in str(err.value)
 
 
+def test_a_controller_planned_with_the_env_serving_is_refused_in_one_line(champion_vae):
+    ctrl = LinearController.from_params(np.zeros(n_params(8, 4, "mu")), 8, 4, "mu",
+                                        {"game": "Breakout", "serve": "auto",
+                                         "vae_model_name": "atari-vae-breakout",
+                                         "vae_version": "1"})
+    tracking.configure("controllers")
+    with tracking.tracked_run("log-controller"):
+        uri = policy_registry.log_controller_model(ctrl).model_uri
+    policy_registry.register_controller(uri, CONTROLLER, {"vae_version": "1"}, 1.0, "p")
+    with pytest.raises(AtariVaeError, match="--serve auto") as err:
+        collect_policy.resolve(URI, 0.5, BREAKOUT)
+    assert "\n" not in str(err.value)
+
+
 def test_a_missing_controller_says_how_to_make_one(champion_vae):
     with pytest.raises(AtariVaeError, match="no registered model 'nope-controller'"):
         collect_policy.resolve("models:/nope-controller@champion", 0.5, BREAKOUT)

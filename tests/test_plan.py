@@ -3,6 +3,7 @@ the controller registered beside its VAE version, ``load_policy`` by name, bad i
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,7 +44,8 @@ def test_plan_job_logs_generations_registers_the_controller_and_load_policy_play
     for key in ("plan/test_score_mean", "plan/test_score_std", "plan/random_policy_score_mean",
                 "plan/fixed_action_score_mean", "plan/control_test_score_mean"):
         assert np.isfinite(metrics[key]), key
-    assert tags["fixed_action"] == result.fixed_action in ("NOOP", "FIRE", "RIGHT", "LEFT")
+    assert tags["fixed_action"] == result.fixed_action
+    assert result.fixed_action in ("NOOP", "FIRE", "RIGHT", "LEFT")
     assert f"best fixed action: {result.fixed_action}" in result.table
     assert metrics["plan/test_score_mean"] == pytest.approx(
         result.scores["ours (VAE z)"].mean())
@@ -55,6 +57,7 @@ def test_plan_job_logs_generations_registers_the_controller_and_load_policy_play
     assert (result.controller_name, result.controller_version) == (name, "1")
     version = client.get_model_version(name, "1")
     assert (version.tags["vae_model_name"], version.tags["vae_version"]) == (VAE_NAME, "1")
+    assert "serve=" not in version.tags["test_protocol"]  # the default keeps its protocol
     assert str(client.get_registered_model(name).aliases["champion"]) == "1"
     logged = client.list_artifacts(version.run_id, "controller")
     assert not any(a.path.endswith((".pkl", ".pickle")) for a in logged)
@@ -105,12 +108,15 @@ def test_a_controller_becomes_champion_only_by_beating_the_champions_score_on_it
         _logged_controller(), name, tags, 3.0, "other",
         rescore=lambda version: played.append(version) or 2.5)
     assert played == ["3"] and got[0] == "5" and got[2], got[1]
+    got = policy_registry.register_controller(_logged_controller(), name, tags, 99.0, "third",
+                                              rescore=lambda version: None)
+    assert not got[2] and "not compared" in got[1]  # a champion that cannot play it stays
     old = client.get_model_version(name, "3").tags
     assert (old["test_protocol"], float(old["test_score_mean"])) == ("p", 2.0)  # its own
     assert float(old[policy_registry.protocol_score_tag("other")]) == 2.5
     got = policy_registry.register_controller(_logged_controller(), name, tags, 2.9, "other",
                                               rescore=lambda version: played.append(version))
-    assert got[0] == "6" and not got[2] and played == ["3"], got[1]  # same protocol: no replay
+    assert got[0] == "7" and not got[2] and played == ["3"], got[1]  # same protocol: no replay
 
 
 def test_plan_refuses_a_model_without_the_alias_in_one_line(champion_vae):
@@ -152,7 +158,6 @@ def test_test_seeds_never_meet_training_seeds_and_too_many_generations_are_refus
         PlanConfig(generations=600_000, episodes_per_candidate=2).validate()
 
 
-
 def test_an_auto_serve_plan_names_the_rule_in_its_protocol_and_its_controller(
         champion_vae, tmp_path):
     cfg = PlanConfig(**{**TINY, "generations": 1, "control": "none", "serve": "auto"},
@@ -162,6 +167,8 @@ def test_an_auto_serve_plan_names_the_rule_in_its_protocol_and_its_controller(
     assert version.tags["test_protocol"].endswith(" serve=auto")
     policy = atari_vae.load_policy(result.controller_name, version=1)
     assert policy.serve == "auto" and policy.controller.metadata["serve"] == "auto"
+    played = json.loads((tmp_path / "plan" / "scores.json").read_text())
+    assert played["serve"] == "auto" and "serve: auto" in result.table
 
 
 def test_an_unknown_serve_rule_is_refused_naming_the_allowed_ones():

@@ -41,12 +41,31 @@ def test_a_breakout_player_that_never_fires_waits_out_the_step_cap_unless_the_en
     assert (served.lengths < 400).all()  # every life lost: game over before the cap
 
 
+def _lives_lost_at(seed: int) -> list[int]:
+    """The steps after which a NOOP-playing, served Breakout episode had one life fewer."""
+    env = AutoServe(make_env(BREAKOUT))
+    try:
+        _, info = env.reset(seed=seed)
+        lives, lost_at, step, done = info["lives"], [], 0, False
+        while not done:
+            _, _, terminated, truncated, info = env.step(0)
+            step += 1
+            if info["lives"] < lives:
+                lost_at.append(step)
+            lives, done = info["lives"], terminated or truncated
+    finally:
+        env.close()
+    return lost_at
+
+
 def test_the_serve_replaces_the_first_action_and_the_one_after_each_lost_life_only(pool):
     episode = play(pool.get(1), np.array([9]), never_fire, 400, record=True,
                    serve_action=fire_action(BREAKOUT))
-    fired = np.flatnonzero(episode.actions == fire_action(BREAKOUT))
-    assert len(fired) == BREAKOUT_LIVES and fired[0] == 0  # the start, then 4 lost lives
-    assert len(episode.actions) == episode.lengths[0]
+    fired = np.flatnonzero(episode.actions == fire_action(BREAKOUT)).tolist()
+    lost_at = _lives_lost_at(9)  # the same rule in the gymnasium wrapper
+    assert len(lost_at) == BREAKOUT_LIVES and fired == [0] + lost_at[:-1]
+    assert len(episode.actions) == episode.lengths[0] == lost_at[-1]
+
 
 
 class _ActionLog(gym.Wrapper):
@@ -61,21 +80,19 @@ class _ActionLog(gym.Wrapper):
         return self.env.step(action)
 
 
-def test_auto_serve_wrapper_fires_for_a_gymnasium_agent_as_play_does():
-    log = _ActionLog(make_env(BREAKOUT))
-    env = AutoServe(log)
+def test_auto_serve_wrapper_sends_fire_first_and_after_each_lost_life_only():
+    env = AutoServe(log := _ActionLog(make_env(BREAKOUT)))
     try:
         _, info = env.reset(seed=9)
-        lives, lost_at, done = [info["lives"]], [], False
-        while not done and len(log.sent) < 400:
-            _, _, terminated, truncated, info = env.step(0)
-            if info["lives"] < lives[-1]:
+        lives, lost_at, terminated = info["lives"], [], False
+        while not terminated and len(log.sent) < 400:
+            _, _, terminated, _, info = env.step(0)
+            if info["lives"] < lives:
                 lost_at.append(len(log.sent))
-            lives.append(info["lives"])
-            done = terminated or truncated
+            lives = info["lives"]
     finally:
         env.close()
-    assert terminated and lives[-1] == 0
+    assert terminated and lives == 0
     fired = [t for t, action in enumerate(log.sent) if action == env.serve_action]
     assert fired == [0] + lost_at[:-1]  # no serve after the last life: the game is over
 
@@ -83,4 +100,3 @@ def test_auto_serve_wrapper_fires_for_a_gymnasium_agent_as_play_does():
 def test_a_game_without_fire_has_no_serve_action():
     assert fire_action(resolve_game("Breakout")) == 1
     assert fire_action(resolve_game("Freeway")) is None
-
